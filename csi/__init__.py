@@ -1,0 +1,1 @@
+"""The CSI plugin: Identity, Node and a metadata-only Controller over unix sockets."""

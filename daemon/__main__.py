@@ -1,0 +1,3 @@
+from weightcache.daemon.cli import main
+
+raise SystemExit(main())

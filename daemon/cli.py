@@ -1,0 +1,105 @@
+"""The ``weightcache`` command line: parse arguments once, then hand typed values to the commands.
+
+``--json`` prints one JSON document on stdout; human output and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from weightcache.daemon import __version__
+
+DEFAULT_STORE = "/var/lib/weightcache"
+DEFAULT_CSI_ENDPOINT = "unix:///csi/csi.sock"
+DEFAULT_METRICS_ADDRESS = "0.0.0.0:9808"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _not_yet(name: str) -> Command:
+    def run(_: argparse.Namespace) -> int:
+        print(f"weightcache {name}: not yet implemented", file=sys.stderr)
+        return EXIT_USAGE
+
+    return run
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from weightcache.daemon.demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weightcache",
+        description="Node-level model-weight cache: prefetch, verify and mount model weights.",
+    )
+    parser.add_argument("--version", action="version", version=f"weightcache {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def store_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", default=DEFAULT_STORE, help="store directory (%(default)s)")
+
+    def json_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+    warm = sub.add_parser("warm", help="fetch and verify models into the store")
+    warm.add_argument("refs", nargs="+", metavar="REF", help="oci://, s3:// or file:// reference")
+    store_arg(warm)
+    json_arg(warm)
+    warm.set_defaults(run=_not_yet("warm"))
+
+    ls = sub.add_parser("ls", help="list models, sizes, states and pins")
+    store_arg(ls)
+    json_arg(ls)
+    ls.set_defaults(run=_not_yet("ls"))
+
+    verify = sub.add_parser("verify", help="re-check the store; exit 1 when anything is corrupt")
+    store_arg(verify)
+    verify.add_argument("--full", action="store_true", help="re-hash content, not only metadata")
+    json_arg(verify)
+    verify.set_defaults(run=_not_yet("verify"))
+
+    gc = sub.add_parser("gc", help="evict unpinned models down to a target size")
+    store_arg(gc)
+    gc.add_argument("--target-bytes", type=int, default=None, metavar="N")
+    gc.set_defaults(run=_not_yet("gc"))
+
+    node = sub.add_parser("node", help="run the node agent and the CSI Identity and Node services")
+    store_arg(node)
+    node.add_argument("--csi-endpoint", default=DEFAULT_CSI_ENDPOINT)
+    node.add_argument("--metrics-address", default=DEFAULT_METRICS_ADDRESS, metavar="HOST:PORT")
+    node.add_argument("--node-name", default=None, metavar="NAME")
+    kube = node.add_mutually_exclusive_group()
+    kube.add_argument("--kubeconfig", default=None, metavar="PATH")
+    kube.add_argument("--no-kube", action="store_true", help="run without the warm controller")
+    node.add_argument("--config", default=None, metavar="FILE")
+    node.set_defaults(run=_not_yet("node"))
+
+    controller = sub.add_parser("controller", help="run the metadata-only CSI Controller service")
+    controller.add_argument("--csi-endpoint", default=DEFAULT_CSI_ENDPOINT)
+    controller.set_defaults(run=_not_yet("controller"))
+
+    demo = sub.add_parser("demo", help="the whole flow on this machine")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Command = args.run
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""Domain exceptions. Each says what went wrong in words an operator can act on.
+
+The CSI plugin maps these to gRPC codes in exactly one place; the CLI maps them to exit codes.
+"""
+
+from __future__ import annotations
+
+
+class WeightcacheError(Exception):
+    """Base of every error weightcache raises on purpose."""
+
+
+class InvalidReference(WeightcacheError, ValueError):
+    """A model reference that does not parse."""
+
+
+class UnsupportedManifest(WeightcacheError):
+    """A manifest, media type or layer format weightcache does not accept."""
+
+
+class UnsafeContent(WeightcacheError):
+    """Content that would escape the model tree or is not a plain file or directory."""
+
+
+class DigestMismatch(WeightcacheError):
+    """Bytes that do not hash to the digest they were announced with."""
+
+
+class SourceError(WeightcacheError):
+    """A source failed to serve a request.
+
+    ``reason`` is a short stable token used as a metric label (``not_found``, ``auth``,
+    ``throttled``, ``server``, ``truncated``, ``network``, ``invalid``).
+    ``retryable`` tells the fetcher whether another attempt can help.
+    """
+
+    def __init__(self, message: str, *, reason: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retryable = retryable
+
+
+class InsufficientSpace(WeightcacheError):
+    """A model does not fit in the store's budget even after evicting what may be evicted."""
+
+
+class NotCached(WeightcacheError):
+    """A model is not (yet) in the store."""
+
+
+class ModelCorrupt(WeightcacheError):
+    """A model holds a file that failed a re-check."""
