@@ -6,10 +6,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from weightcache.daemon import __version__
+from weightcache.daemon.config import ConfigError
+from weightcache.daemon.errors import WeightcacheError
+
+if TYPE_CHECKING:
+    from weightcache.daemon.config import Config
 
 DEFAULT_STORE = "/var/lib/weightcache"
 DEFAULT_CSI_ENDPOINT = "unix:///csi/csi.sock"
@@ -28,6 +35,39 @@ def _not_yet(name: str) -> Command:
         return EXIT_USAGE
 
     return run
+
+
+def _config(args: argparse.Namespace) -> Config:
+    from pathlib import Path
+
+    from weightcache.daemon.config import load_config
+
+    config_file = getattr(args, "config", None)
+    return load_config(Path(config_file) if config_file else None, root=Path(args.store))
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from weightcache.daemon import commands
+
+    return commands.warm(_config(args), args.refs, args.json)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from weightcache.daemon import commands
+
+    return commands.ls(_config(args), args.json)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from weightcache.daemon import commands
+
+    return commands.verify(_config(args), args.full, args.json)
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from weightcache.daemon import commands
+
+    return commands.gc(_config(args), args.target_bytes)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -49,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def store_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--store", default=DEFAULT_STORE, help="store directory (%(default)s)")
+        p.add_argument("--config", default=None, metavar="FILE", help="TOML configuration")
 
     def json_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -57,23 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("refs", nargs="+", metavar="REF", help="oci://, s3:// or file:// reference")
     store_arg(warm)
     json_arg(warm)
-    warm.set_defaults(run=_not_yet("warm"))
+    warm.set_defaults(run=_warm)
 
     ls = sub.add_parser("ls", help="list models, sizes, states and pins")
     store_arg(ls)
     json_arg(ls)
-    ls.set_defaults(run=_not_yet("ls"))
+    ls.set_defaults(run=_ls)
 
     verify = sub.add_parser("verify", help="re-check the store; exit 1 when anything is corrupt")
     store_arg(verify)
     verify.add_argument("--full", action="store_true", help="re-hash content, not only metadata")
     json_arg(verify)
-    verify.set_defaults(run=_not_yet("verify"))
+    verify.set_defaults(run=_verify)
 
     gc = sub.add_parser("gc", help="evict unpinned models down to a target size")
     store_arg(gc)
     gc.add_argument("--target-bytes", type=int, default=None, metavar="N")
-    gc.set_defaults(run=_not_yet("gc"))
+    gc.set_defaults(run=_gc)
 
     node = sub.add_parser("node", help="run the node agent and the CSI Identity and Node services")
     store_arg(node)
@@ -83,7 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     kube = node.add_mutually_exclusive_group()
     kube.add_argument("--kubeconfig", default=None, metavar="PATH")
     kube.add_argument("--no-kube", action="store_true", help="run without the warm controller")
-    node.add_argument("--config", default=None, metavar="FILE")
     node.set_defaults(run=_not_yet("node"))
 
     controller = sub.add_parser("controller", help="run the metadata-only CSI Controller service")
@@ -97,8 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     run: Command = args.run
-    return run(args)
+    try:
+        return run(args)
+    except ConfigError as exc:
+        print(f"weightcache {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WeightcacheError as exc:
+        print(f"weightcache {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

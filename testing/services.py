@@ -17,8 +17,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import urllib3
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 REGISTRY_BINARY = "docker-registry"
 REGISTRY_INSTALL = "apt-get update && apt-get install -y docker-registry"
@@ -52,7 +56,7 @@ class S3Endpoint:
     access_key: str = "testing"
     secret_key: str = "testing"
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> S3Client:
         """A boto3 S3 client bound to this endpoint."""
         import boto3
 

@@ -1,0 +1,182 @@
+"""Configuration, read once at the edge into grouped frozen dataclasses and passed down.
+
+The file is TOML (``--config FILE``); every field has a default, so an empty file is valid.
+Nothing below the entry point reads the environment or a file for settings.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from weightcache.daemon.errors import WeightcacheError
+
+
+class ConfigError(WeightcacheError):
+    """The configuration file is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    root: Path = Path("/var/lib/weightcache")
+    """The store directory on the node's NVMe."""
+    budget_bytes: int = 0
+    """Byte budget for cached content; 0 means the filesystem's size."""
+    high_watermark: float = 0.90
+    """Start evicting when usage passes this fraction of the budget."""
+    low_watermark: float = 0.80
+    """Evict down to this fraction of the budget."""
+    quarantine_bytes: int = 10 * 1024**3
+    """How many bytes of quarantined files to keep for inspection (oldest dropped first)."""
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    files_in_parallel: int = 4
+    """Files downloaded at once."""
+    ranges_per_file: int = 4
+    """Range requests in flight per large file; bounds memory at files x ranges x part size."""
+    part_bytes: int = 16 * 1024 * 1024
+    """Size of one range request (a multiple of the fingerprint chunk size)."""
+    retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    """Backoff delays between attempts (jitter is added); the count is the retry budget."""
+    bandwidth_bytes_per_s: int = 0
+    """Cap on download rate for this node; 0 means unlimited."""
+    timeout_s: float = 60.0
+    """Connect and read timeout of one request."""
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A registry mirror tried before the origin (containerd hosts.toml semantics)."""
+
+    url: str
+    """Base URL, e.g. ``http://127.0.0.1:5001`` or ``https://mirror.example``."""
+    resolve: bool = False
+    """Whether tags may be resolved through this mirror (``capabilities = ["pull", "resolve"]``)."""
+    override_path: bool = False
+    """The URL already includes the API path (``/v2`` is not appended)."""
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    insecure: tuple[str, ...] = ()
+    """Registry hosts (``host[:port]``) reached over plain HTTP besides loopback ones."""
+    mirrors: Mapping[str, tuple[Mirror, ...]] = field(default_factory=dict)
+    """Per registry host, mirrors tried in order before the origin."""
+    docker_config: Path | None = None
+    """A docker ``config.json`` (the imagePullSecret format) with registry credentials."""
+
+
+@dataclass(frozen=True)
+class Config:
+    store: StoreConfig = field(default_factory=StoreConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"[{where}]: unknown setting(s) {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        try:
+            kwargs[name] = _coerce(default, value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"[{where}] {name}: {exc}") from exc
+    return cls(**kwargs)
+
+
+def _coerce(default: Any, value: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, Path) or default is None:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a path string, got {value!r}")
+        return Path(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {value!r}")
+        return tuple(value)
+    raise TypeError(f"unsupported value {value!r}")
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Build a validated :class:`Config` from a parsed TOML document."""
+    unknown = set(data) - {"store", "fetch", "registry"}
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}")
+    store = _build(StoreConfig, data.get("store", {}), "store")
+    fetch = _build(FetchConfig, data.get("fetch", {}), "fetch")
+    reg = dict(data.get("registry", {}))
+    mirrors_raw = reg.pop("mirrors", {})
+    registry = _build(RegistryConfig, reg, "registry")
+    mirrors: dict[str, tuple[Mirror, ...]] = {}
+    for host, entries in mirrors_raw.items():
+        if not isinstance(entries, list):
+            raise ConfigError(f"[registry.mirrors] {host}: expected a list of mirrors")
+        built = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, str):
+                entry = {"url": entry}
+            if not isinstance(entry, dict) or "url" not in entry:
+                raise ConfigError(f"[registry.mirrors] {host}[{i}]: expected {{url = ...}}")
+            built.append(_build(Mirror, entry, f"registry.mirrors.{host}[{i}]"))
+        mirrors[host] = tuple(built)
+    registry = RegistryConfig(
+        insecure=registry.insecure, mirrors=mirrors, docker_config=registry.docker_config
+    )
+    config = Config(store=store, fetch=fetch, registry=registry)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    s, f = config.store, config.fetch
+    if not 0 < s.low_watermark <= s.high_watermark <= 1:
+        raise ConfigError("[store] need 0 < low_watermark <= high_watermark <= 1")
+    if s.budget_bytes < 0 or s.quarantine_bytes < 0:
+        raise ConfigError("[store] byte sizes must not be negative")
+    if f.files_in_parallel < 1 or f.ranges_per_file < 1:
+        raise ConfigError("[fetch] files_in_parallel and ranges_per_file must be at least 1")
+    if f.part_bytes < 1024 * 1024:
+        raise ConfigError("[fetch] part_bytes must be at least 1 MiB")
+    if f.bandwidth_bytes_per_s < 0 or f.timeout_s <= 0:
+        raise ConfigError("[fetch] bandwidth must not be negative; timeout must be positive")
+    if any(d < 0 for d in f.retry_delays):
+        raise ConfigError("[fetch] retry_delays must not be negative")
+
+
+def load_config(path: Path | None, **store_overrides: Any) -> Config:
+    """Read ``path`` (TOML) if given, then apply command-line overrides to [store]."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    config = parse_config(data)
+    overrides = {k: v for k, v in store_overrides.items() if v is not None}
+    if overrides:
+        store = StoreConfig(**{**config.store.__dict__, **overrides})
+        config = Config(store=store, fetch=config.fetch, registry=config.registry)
+        validate(config)
+    return config

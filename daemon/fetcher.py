@@ -1,0 +1,415 @@
+"""The fetch pipeline: resolve, make room, download in parallel, verify, install.
+
+- One fetch per model however many callers ask: callers in this process join the same future;
+  other processes wait on the model's fetch lock and then find it ready.
+- Files download in parallel; large files in parallel ranges. Each file's parts are written and
+  hashed in order by one thread (sha256 needs order), with at most ``ranges_per_file`` parts in
+  memory per file, so memory is bounded by files x ranges x part size.
+- Partial files resume after a crash (see :mod:`weightcache.daemon.store.staging`).
+- Retries follow ``FetchConfig.retry_delays``; an optional token bucket caps the node's rate.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from weightcache.daemon.config import FetchConfig
+from weightcache.daemon.errors import (
+    DigestMismatch,
+    InsufficientSpace,
+    WeightcacheError,
+)
+from weightcache.daemon.hashing import Fingerprint, StreamHasher
+from weightcache.daemon.plan import ModelPlan, RemoteArchive, RemoteFile
+from weightcache.daemon.references import ModelRef
+from weightcache.daemon.retry import with_retries
+from weightcache.daemon.sources import Sources
+from weightcache.daemon.store.index import ModelRow
+from weightcache.daemon.store.store import READY, Store
+from weightcache.daemon.store.tarsafe import TreeBuilder, open_decompressed, unpack
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_EXPANSION = 3
+"""Compressed tar layers are assumed to expand up to this much when checking capacity."""
+_WRITE = 8 * 1024 * 1024
+
+
+@dataclass
+class Progress:
+    """Bytes done of total for one model fetch; thread-safe counters."""
+
+    digest: str
+    ref: str
+    total: int
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last_error: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        rate = self.rate
+        return (self.total - self.done) / rate if rate > 0 else None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class RateLimiter:
+    """A token bucket shared by every download of this process; 0 means unlimited."""
+
+    def __init__(self, bytes_per_s: int, stop: threading.Event) -> None:
+        self._rate = bytes_per_s
+        self._stop = stop
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def consume(self, n: int) -> None:
+        if self._rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + n / self._rate
+            wait = start - now
+        if wait > 0:
+            self._stop.wait(wait)
+
+
+class Fetcher:
+    """Fetches models into a store. Thread-safe; share one per process."""
+
+    def __init__(
+        self,
+        store: Store,
+        sources: Sources,
+        config: FetchConfig,
+        *,
+        stop: threading.Event | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        self.store = store
+        self.sources = sources
+        self.config = config
+        self.stop = stop or threading.Event()
+        self._on_progress = on_progress
+        self._limiter = RateLimiter(config.bandwidth_bytes_per_s, self.stop)
+        self._models = ThreadPoolExecutor(max_workers=4, thread_name_prefix="wc-model")
+        self._files = ThreadPoolExecutor(
+            max_workers=config.files_in_parallel, thread_name_prefix="wc-file"
+        )
+        self._ranges = ThreadPoolExecutor(
+            max_workers=config.files_in_parallel * config.ranges_per_file,
+            thread_name_prefix="wc-range",
+        )
+        self._inflight: dict[str, Future[ModelRow]] = {}
+        self._progress: dict[str, Progress] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.stop.set()
+        for pool in (self._models, self._files, self._ranges):
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- public --------------------------------------------------------------------------------
+
+    def warm(self, ref: ModelRef) -> ModelRow:
+        """Fetch ``ref`` into the store (or find it there); return its ready record."""
+        return self.warm_async(ref).result()
+
+    def warm_async(self, ref: ModelRef) -> Future[ModelRow]:
+        """Start (or join) the fetch of ``ref``."""
+        key = str(ref)
+        with self._lock:
+            fut = self._inflight.get(key)
+            if fut is None:
+                fut = self._models.submit(self._warm, ref)
+                self._inflight[key] = fut
+                fut.add_done_callback(lambda _: self._forget(key))
+            return fut
+
+    def progress(self, digest: str) -> Progress | None:
+        return self._progress.get(digest)
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            self._inflight.pop(key, None)
+
+    # -- one model -----------------------------------------------------------------------------
+
+    def resolve(self, ref: ModelRef) -> ModelPlan:
+        source = self.sources.for_ref(ref)
+        return with_retries(
+            lambda: source.resolve(ref),
+            self.config.retry_delays,
+            what=f"resolve {ref}",
+            stop=self.stop,
+        )
+
+    def _warm(self, ref: ModelRef) -> ModelRow:
+        plan = self.resolve(ref)
+        self.store.remember(str(ref), plan.digest)
+        row = self.store.model(plan.digest)
+        if row is not None and row.state == READY:
+            self.store.touch(plan.digest)
+            return row
+        with self.store.fetch_lock(plan.digest):
+            row = self.store.model(plan.digest)
+            if row is not None and row.state == READY:  # another process finished it
+                self.store.touch(plan.digest)
+                return row
+            return self._fetch(plan)
+
+    def _fetch(self, plan: ModelPlan) -> ModelRow:
+        store = self.store
+        store.begin(plan.digest, str(plan.ref), plan.format, plan.total_bytes)
+        progress = Progress(plan.digest, str(plan.ref), plan.total_bytes)
+        self._progress[plan.digest] = progress
+        try:
+            todo = []
+            for item in plan.items:
+                if isinstance(item, RemoteFile) and item.sha256 and store.has_blob(item.sha256):
+                    store.link_blob(plan.digest, item.path, item.sha256)
+                    progress.add(item.size)
+                else:
+                    todo.append(item)
+            needed = sum(
+                i.size
+                * (1 if isinstance(i, RemoteFile) or i.compression == "none" else ARCHIVE_EXPANSION)
+                + (i.size if isinstance(i, RemoteArchive) else 0)
+                for i in todo
+            )
+            store.make_room(needed, keep=plan.digest)
+            tree = TreeBuilder(
+                allow_override=any(isinstance(i, RemoteArchive) and i.whiteouts for i in plan.items)
+            )
+            archives = [i for i in todo if isinstance(i, RemoteArchive)]
+            files = [i for i in todo if isinstance(i, RemoteFile)]
+            stop = threading.Event()
+            futures = [self._files.submit(self._fetch_file, plan, f, progress, stop) for f in files]
+            archive_futures = [
+                self._files.submit(self._fetch_archive_blob, plan, a, progress, stop)
+                for a in archives
+            ]
+            try:
+                for fut in futures:
+                    fut.result()
+                # Archives unpack in manifest order: image layers override earlier ones.
+                for archive, pending in zip(archives, archive_futures, strict=True):
+                    self._unpack(plan, archive, pending.result(), tree)
+            except BaseException:
+                stop.set()
+                raise
+            if archives:
+                for path, sha in tree.files.items():
+                    store.link_blob(plan.digest, path, sha)
+                keep = {f.path for f in plan.items if isinstance(f, RemoteFile)} | set(tree.files)
+                store.forget_files(plan.digest, keep)
+            else:
+                store.forget_files(
+                    plan.digest,
+                    {f.path for f in files}
+                    | {i.path for i in plan.items if isinstance(i, RemoteFile)},
+                )
+            store.install(plan.digest)
+            row = store.model(plan.digest)
+            assert row is not None
+            log.info(
+                "model %s ready: %d bytes in %.2fs",
+                plan.digest,
+                plan.total_bytes,
+                time.monotonic() - progress.started,
+            )
+            return row
+        except WeightcacheError as exc:
+            progress.last_error = str(exc)
+            store.fail(plan.digest, str(exc))
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                msg = f"disk full while fetching {plan.ref}: {exc.strerror}"
+                progress.last_error = msg
+                store.fail(plan.digest, msg)
+                self._discard_partials(plan)
+                raise InsufficientSpace(msg) from exc
+            progress.last_error = str(exc)
+            store.fail(plan.digest, str(exc))
+            raise
+        finally:
+            self._report(progress, final=True)
+
+    def _discard_partials(self, plan: ModelPlan) -> None:
+        for item in plan.items:
+            self.store.partial(item.staging_key, item.size, self.config.part_bytes).discard()
+
+    # -- one file ------------------------------------------------------------------------------
+
+    def _download(
+        self,
+        plan: ModelPlan,
+        locator: str,
+        version: str,
+        key: str,
+        size: int,
+        progress: Progress,
+        stop: threading.Event,
+    ) -> tuple[Fingerprint, str]:
+        """Download one object into its partial file; return its fingerprint and the path."""
+        source = self.sources.for_ref(plan.ref)
+        part = self.config.part_bytes
+        hasher = StreamHasher(chunk_size=part)
+        partial = self.store.partial(key, size, part)
+        with partial:
+            offset = partial.resume(hasher)
+            progress.add(offset)
+            starts = list(range(offset, size, part))
+            window: list[tuple[int, Future[bytes | bytearray]]] = []
+
+            def read(start: int) -> bytes | bytearray:
+                length = min(part, size - start)
+
+                def attempt() -> bytes | bytearray:
+                    if stop.is_set() or self.stop.is_set():
+                        raise InterruptedError("fetch cancelled")
+                    self._limiter.consume(length)
+                    return source.read_range(plan.ref, locator, version, start, length)
+
+                def note(exc: Exception) -> None:
+                    progress.last_error = str(exc)
+
+                return with_retries(
+                    attempt,
+                    self.config.retry_delays,
+                    what=f"{plan.ref} {locator} @{start}",
+                    stop=self.stop,
+                    on_retry=note,
+                )
+
+            pending = iter(starts)
+            try:
+                for start in pending:
+                    window.append((start, self._ranges.submit(read, start)))
+                    if len(window) >= self.config.ranges_per_file:
+                        break
+                while window:
+                    start, fut = window.pop(0)
+                    data = fut.result()
+                    partial.write(start, data)
+                    partial.record_chunks(hasher.update(data))
+                    progress.add(len(data))
+                    self._report(progress)
+                    nxt = next(pending, None)
+                    if nxt is not None:
+                        window.append((nxt, self._ranges.submit(read, nxt)))
+            except BaseException:
+                stop.set()
+                for _, fut in window:
+                    fut.cancel()
+                raise
+            fp = hasher.finish()
+            if size % part:
+                partial.record_chunks([fp.chunk_digest(fp.chunk_count - 1)])
+            partial.fsync()
+        return fp, str(partial.path)
+
+    def _fetch_file(
+        self, plan: ModelPlan, item: RemoteFile, progress: Progress, stop: threading.Event
+    ) -> None:
+        fp, path = self._download(
+            plan, item.locator, item.version, item.staging_key, item.size, progress, stop
+        )
+        if item.sha256 and fp.sha256 != item.sha256:
+            self.store.partial(item.staging_key, item.size, self.config.part_bytes).discard()
+            raise DigestMismatch(
+                f"{plan.ref}: {item.path} hashes to {fp.sha256}, but the source announced "
+                f"{item.sha256}; the download was discarded"
+            )
+        if fp.size != item.size:
+            raise DigestMismatch(
+                f"{plan.ref}: {item.path} is {fp.size} bytes, expected {item.size}"
+            )
+        self.store.commit_blob(Path(path), fp, plan.digest, item.path)
+        self.store.partial(item.staging_key, item.size, self.config.part_bytes).forget_log()
+
+    def _fetch_archive_blob(
+        self, plan: ModelPlan, item: RemoteArchive, progress: Progress, stop: threading.Event
+    ) -> str:
+        fp, path = self._download(
+            plan, item.locator, "", item.staging_key, item.size, progress, stop
+        )
+        if fp.sha256 != item.sha256:
+            self.store.partial(item.staging_key, item.size, self.config.part_bytes).discard()
+            raise DigestMismatch(
+                f"{plan.ref}: layer hashes to {fp.sha256}, but the manifest says {item.sha256}; "
+                "the download was discarded"
+            )
+        return path
+
+    def _unpack(self, plan: ModelPlan, item: RemoteArchive, path: str, tree: TreeBuilder) -> None:
+        usage = self.store.usage()
+        max_bytes = max(0, min(usage.budget - usage.used, usage.fs_free))
+
+        def write(rel: str, reader: IO[bytes], size: int) -> str:
+            tmp = self.store.temp_path("member")
+            hasher = StreamHasher(chunk_size=self.config.part_bytes)
+            with open(tmp, "wb") as out:
+                remaining = size
+                while remaining:
+                    data = reader.read(min(_WRITE, remaining))
+                    if not data:
+                        raise DigestMismatch(f"{plan.ref}: tar member {rel!r} is truncated")
+                    out.write(data)
+                    hasher.update(data)
+                    remaining -= len(data)
+                out.flush()
+                os.fsync(out.fileno())
+            fp = hasher.finish()
+            self.store.commit_blob(tmp, fp, plan.digest, rel)
+            return fp.sha256
+
+        where = f"{plan.ref} layer {item.sha256}"
+        with open(path, "rb") as raw:
+            unpack(
+                open_decompressed(raw, item.compression),
+                tree,
+                write,
+                root=item.root,
+                whiteouts=item.whiteouts,
+                where=where,
+                max_bytes=max_bytes,
+            )
+        self.store.partial(item.staging_key, item.size, self.config.part_bytes).discard()
+
+    # -- progress ------------------------------------------------------------------------------
+
+    _last_report: float = 0.0
+
+    def _report(self, progress: Progress, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last_report < 0.5:
+            return
+        self._last_report = now
+        self.store.index.set_progress(
+            progress.digest, progress.done, progress.total, progress.rate, progress.last_error
+        )
+        if self._on_progress is not None:
+            self._on_progress(progress)

@@ -1,0 +1,45 @@
+"""Sources: resolve a reference to an immutable :class:`ModelPlan` and read byte ranges of it.
+
+One registry keyed by scheme (``oci``, ``s3``, ``file``); each source implements :class:`Source`.
+Sources know nothing of the store or the CSI plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from weightcache.daemon.errors import InvalidReference
+from weightcache.daemon.plan import ModelPlan
+from weightcache.daemon.references import ModelRef
+
+
+class Source(Protocol):
+    """A place models come from."""
+
+    def resolve(self, ref: ModelRef) -> ModelPlan:
+        """Resolve ``ref`` (a tag, a prefix, a directory) to an immutable plan and its digest."""
+        ...
+
+    def read_range(
+        self, ref: ModelRef, locator: str, version: str, start: int, length: int
+    ) -> bytes | bytearray:
+        """Return exactly ``length`` bytes of the object at ``locator`` from ``start``.
+
+        Raises :class:`SourceError` (``truncated`` when fewer bytes arrive) and never returns
+        a short read.
+        """
+        ...
+
+
+class Sources:
+    """The registry of sources by scheme."""
+
+    def __init__(self, by_scheme: Mapping[str, Source]) -> None:
+        self._by_scheme = dict(by_scheme)
+
+    def for_ref(self, ref: ModelRef) -> Source:
+        try:
+            return self._by_scheme[ref.scheme]
+        except KeyError:
+            raise InvalidReference(f"no source configured for {ref.scheme}:// ({ref})") from None

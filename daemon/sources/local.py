@@ -1,0 +1,91 @@
+"""``file://`` directories: a local tree read as-is.
+
+Symlinks are followed only when their target stays inside the directory (a Hugging Face cache
+snapshot is such a tree); anything else that is not a regular file or directory is refused.
+The model digest is the sha256 of the canonical listing with each file's content sha256, so a
+changed file is a different model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from weightcache.daemon.errors import SourceError, UnsafeContent
+from weightcache.daemon.plan import ModelPlan, RemoteFile, listing_digest, safe_relpath
+from weightcache.daemon.references import FileRef, ModelRef
+
+_READ = 8 * 1024 * 1024
+
+
+class LocalSource:
+    """Reads models from local directories."""
+
+    def resolve(self, ref: ModelRef) -> ModelPlan:
+        assert isinstance(ref, FileRef)
+        root = Path(ref.path)
+        try:
+            if not stat.S_ISDIR(os.stat(root).st_mode):
+                raise SourceError(f"{ref}: not a directory", reason="invalid")
+        except FileNotFoundError:
+            raise SourceError(f"{ref}: directory does not exist", reason="not_found") from None
+        real_root = root.resolve()
+        items: list[RemoteFile] = []
+        listing: list[tuple[str, int, str]] = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames) + [
+                d for d in dirnames if (Path(dirpath) / d).is_symlink()
+            ]:
+                full = Path(dirpath) / name
+                rel = safe_relpath(str(full.relative_to(root)), what=str(ref))
+                target = self._regular_target(ref, real_root, full, rel)
+                sha, size = _sha256_file(target)
+                items.append(RemoteFile(path=rel, size=size, locator=str(target), sha256=sha))
+                listing.append((rel, size, sha))
+        if not items:
+            raise SourceError(f"{ref}: directory holds no files", reason="not_found")
+        return ModelPlan(ref=ref, digest=listing_digest(listing), format="file", items=items)
+
+    @staticmethod
+    def _regular_target(ref: FileRef, real_root: Path, full: Path, rel: str) -> Path:
+        st = os.lstat(full)
+        if stat.S_ISLNK(st.st_mode):
+            target = full.resolve()
+            if not target.is_relative_to(real_root):
+                raise UnsafeContent(f"{ref}: symlink {rel!r} points outside the model directory")
+            st = os.stat(target)
+            full = target
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeContent(f"{ref}: {rel!r} is not a regular file")
+        return full
+
+    def read_range(
+        self, ref: ModelRef, locator: str, version: str, start: int, length: int
+    ) -> bytes | bytearray:
+        try:
+            fd = os.open(locator, os.O_RDONLY)
+        except FileNotFoundError:
+            raise SourceError(f"{ref}: {locator} disappeared", reason="not_found") from None
+        try:
+            data = os.pread(fd, length, start)
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise SourceError(
+                f"{ref}: {locator} shrank (wanted {length} bytes at {start}, got {len(data)})",
+                reason="truncated",
+            )
+        return data
+
+
+def _sha256_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_READ):
+            h.update(chunk)
+            size += len(chunk)
+    return "sha256:" + h.hexdigest(), size

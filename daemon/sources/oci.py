@@ -1,0 +1,144 @@
+"""``oci://`` references: OCI distribution v2 manifests and blobs.
+
+A tag is resolved once to a manifest digest; everything after that is addressed by digest, so
+mirrors serve it and the cache key never depends on a URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+from typing import Any
+
+import urllib3
+
+from weightcache.daemon.errors import DigestMismatch, SourceError, UnsupportedManifest
+from weightcache.daemon.plan import ModelPlan
+from weightcache.daemon.references import ModelRef, OciRef
+from weightcache.daemon.sources.oci_formats import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    interpret,
+    pick_from_index,
+)
+from weightcache.daemon.sources.oci_http import (
+    MANIFEST_ACCEPT,
+    MAX_MANIFEST_BYTES,
+    Endpoint,
+    RegistryHTTP,
+)
+
+_READ = 1 << 20
+
+
+class OciSource:
+    """Resolves and reads models in OCI registries."""
+
+    def __init__(self, http: RegistryHTTP) -> None:
+        self._http = http
+
+    def _manifest(self, ref: OciRef, reference: str) -> tuple[bytes, str, str]:
+        """Fetch a manifest; return (body, media type, digest), checking a pinned digest."""
+
+        def get(endpoint: Endpoint) -> tuple[bytes, str]:
+            resp = self._http.request(
+                ref,
+                endpoint,
+                "GET",
+                endpoint.url(ref, f"manifests/{reference}"),
+                {"Accept": MANIFEST_ACCEPT},
+                stream=True,
+            )
+            try:
+                length = int(resp.headers.get("Content-Length") or 0)
+                if length > MAX_MANIFEST_BYTES:
+                    raise UnsupportedManifest(f"{ref}: manifest of {length} bytes is too large")
+                body = resp.read(MAX_MANIFEST_BYTES + 1)
+            finally:
+                resp.release_conn()
+            if len(body) > MAX_MANIFEST_BYTES:
+                raise UnsupportedManifest(f"{ref}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+            return body, resp.headers.get("Content-Type", "").split(";")[0].strip()
+
+        resolving = not reference.startswith("sha256:")
+        body, content_type = self._http.first_success(ref, resolving, get, f"{ref} manifest")
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if not resolving and digest != reference:
+            raise DigestMismatch(f"{ref}: manifest bytes hash to {digest}, not {reference}")
+        return body, content_type, digest
+
+    def resolve(self, ref: ModelRef) -> ModelPlan:
+        assert isinstance(ref, OciRef)
+        body, content_type, digest = self._manifest(ref, ref.reference)
+        doc = _json(body, str(ref))
+        media_type = doc.get("mediaType") or content_type
+        if media_type in INDEX_TYPES or (not media_type and "manifests" in doc):
+            chosen = pick_from_index(doc, str(ref))
+            body, content_type, digest = self._manifest(ref, chosen["digest"])
+            doc = _json(body, str(ref))
+            media_type = doc.get("mediaType") or content_type
+        if media_type and media_type not in MANIFEST_TYPES:
+            raise UnsupportedManifest(f"{ref}: unsupported manifest media type {media_type!r}")
+        fmt, items = interpret(doc, str(ref))
+        return ModelPlan(ref=ref, digest=digest, format=fmt, items=items)
+
+    def read_range(
+        self, ref: ModelRef, locator: str, version: str, start: int, length: int
+    ) -> bytes | bytearray:
+        assert isinstance(ref, OciRef)
+        if length == 0:
+            return bytearray()
+        headers = {"Range": f"bytes={start}-{start + length - 1}"}
+
+        def get(endpoint: Endpoint) -> bytearray:
+            resp = self._http.request(
+                ref, endpoint, "GET", endpoint.url(ref, f"blobs/{locator}"), headers, stream=True
+            )
+            try:
+                skip = start if resp.status == 200 else 0  # the server ignored Range
+                if resp.status not in (200, 206):
+                    raise SourceError(
+                        f"{ref}: blob {locator}: HTTP {resp.status}", reason="invalid"
+                    )
+                return _read_exact(resp, skip, length, f"{ref} blob {locator}")
+            finally:
+                resp.release_conn()
+
+        return self._http.first_success(ref, False, get, f"{ref} blob {locator}")
+
+
+def _read_exact(resp: Any, skip: int, length: int, what: str) -> bytearray:
+    try:
+        while skip:
+            dropped = resp.read(min(skip, _READ))
+            if not dropped:
+                break
+            skip -= len(dropped)
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        while got < length:
+            n = resp.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+        raise SourceError(
+            f"{what}: body cut short: {exc}", reason="truncated", retryable=True
+        ) from exc
+    if got < length:
+        raise SourceError(
+            f"{what}: body cut short at {got} of {length} bytes", reason="truncated", retryable=True
+        )
+    return buf
+
+
+def _json(body: bytes, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise UnsupportedManifest(f"{where}: manifest is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise UnsupportedManifest(f"{where}: manifest is not a JSON object")
+    return doc

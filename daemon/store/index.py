@@ -1,0 +1,235 @@
+"""The store's SQLite index (WAL): models, their files, blobs, pins, refs and verifications.
+
+One connection per Index object, serialised by a lock, so worker threads share it safely;
+several processes (the node agent and a ``weightcache warm``) share the file through WAL and a
+busy timeout. Every multi-row change is one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    digest      TEXT PRIMARY KEY,
+    ref         TEXT NOT NULL,
+    format      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    size        INTEGER NOT NULL DEFAULT 0,
+    files       INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL NOT NULL,
+    last_used   REAL NOT NULL,
+    ready_at    REAL,
+    bytes_done  INTEGER NOT NULL DEFAULT 0,
+    bytes_total INTEGER NOT NULL DEFAULT 0,
+    rate        REAL NOT NULL DEFAULT 0,
+    error       TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS blobs (
+    sha256      TEXT PRIMARY KEY,
+    size        INTEGER NOT NULL,
+    xxh3        TEXT NOT NULL,
+    chunk_size  INTEGER NOT NULL,
+    chunks      BLOB NOT NULL,
+    inode       INTEGER NOT NULL,
+    mtime_ns    INTEGER NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'ok',
+    verified_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_files (
+    model   TEXT NOT NULL REFERENCES models(digest) ON DELETE CASCADE,
+    path    TEXT NOT NULL,
+    sha256  TEXT NOT NULL REFERENCES blobs(sha256),
+    PRIMARY KEY (model, path)
+);
+CREATE INDEX IF NOT EXISTS model_files_by_blob ON model_files(sha256);
+CREATE TABLE IF NOT EXISTS pins (
+    model      TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    holder     TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (model, kind, holder)
+);
+CREATE TABLE IF NOT EXISTS refs (
+    ref         TEXT PRIMARY KEY,
+    digest      TEXT NOT NULL,
+    resolved_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS verifications (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    sha256  TEXT NOT NULL,
+    at      REAL NOT NULL,
+    mode    TEXT NOT NULL,
+    ok      INTEGER NOT NULL,
+    detail  TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    digest: str
+    ref: str
+    format: str
+    state: str
+    size: int
+    files: int
+    created_at: float
+    last_used: float
+    ready_at: float | None
+    bytes_done: int
+    bytes_total: int
+    rate: float
+    error: str
+
+
+@dataclass(frozen=True)
+class BlobRow:
+    sha256: str
+    size: int
+    xxh3: str
+    chunk_size: int
+    chunks: bytes
+    inode: int
+    mtime_ns: int
+    state: str
+    verified_at: float
+
+
+class Index:
+    """Typed access to index.sqlite3."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(
+            path, timeout=30.0, check_same_thread=False, isolation_level=None
+        )
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction (a write lock across processes)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return list(self._conn.execute(sql, args))
+
+    def scalar(self, sql: str, args: Sequence[object] = ()) -> int:
+        """The first column of the first row as an int (0 when NULL or no row)."""
+        rows = self.query(sql, args)
+        value = rows[0][0] if rows else None
+        return int(value) if isinstance(value, int | float | str) else 0
+
+    # -- models --------------------------------------------------------------------------------
+
+    def model(self, digest: str) -> ModelRow | None:
+        rows = self.query("SELECT * FROM models WHERE digest = ?", (digest,))
+        return ModelRow(*rows[0]) if rows else None  # type: ignore[arg-type]
+
+    def models(self) -> list[ModelRow]:
+        return [ModelRow(*r) for r in self.query("SELECT * FROM models ORDER BY created_at")]  # type: ignore[arg-type]
+
+    def upsert_fetching(self, digest: str, ref: str, fmt: str, total: int) -> None:
+        now = time.time()
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO models(digest, ref, format, state, created_at, last_used, bytes_total)"
+                " VALUES (?, ?, ?, 'fetching', ?, ?, ?)"
+                " ON CONFLICT(digest) DO UPDATE SET state = CASE WHEN state = 'ready' THEN state"
+                " ELSE 'fetching' END, ref = excluded.ref, bytes_total = excluded.bytes_total,"
+                " error = '', last_used = excluded.last_used",
+                (digest, ref, fmt, now, now, total),
+            )
+
+    def set_progress(self, digest: str, done: int, total: int, rate: float, error: str) -> None:
+        with self.tx() as c:
+            c.execute(
+                "UPDATE models SET bytes_done = ?, bytes_total = ?, rate = ?, error = ?"
+                " WHERE digest = ?",
+                (done, total, rate, error, digest),
+            )
+
+    def set_state(self, digest: str, state: str, error: str = "") -> None:
+        with self.tx() as c:
+            c.execute(
+                "UPDATE models SET state = ?, error = ? WHERE digest = ?", (state, error, digest)
+            )
+
+    def touch(self, digest: str) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE models SET last_used = ? WHERE digest = ?", (time.time(), digest))
+
+    def model_files(self, digest: str) -> list[tuple[str, str]]:
+        """(path, sha256) of a model, sorted by path."""
+        return [
+            (str(p), str(s))
+            for p, s in self.query(
+                "SELECT path, sha256 FROM model_files WHERE model = ? ORDER BY path", (digest,)
+            )
+        ]
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    def blob(self, sha256: str) -> BlobRow | None:
+        rows = self.query("SELECT * FROM blobs WHERE sha256 = ?", (sha256,))
+        return BlobRow(*rows[0]) if rows else None  # type: ignore[arg-type]
+
+    def blobs_of(self, digest: str) -> list[BlobRow]:
+        rows = self.query(
+            "SELECT DISTINCT b.* FROM blobs b JOIN model_files f ON f.sha256 = b.sha256"
+            " WHERE f.model = ?",
+            (digest,),
+        )
+        return [BlobRow(*r) for r in rows]  # type: ignore[arg-type]
+
+    # -- pins and refs -------------------------------------------------------------------------
+
+    def pins(self, digest: str | None = None) -> list[tuple[str, str, str]]:
+        if digest is None:
+            rows = self.query("SELECT model, kind, holder FROM pins ORDER BY model, kind, holder")
+        else:
+            rows = self.query(
+                "SELECT model, kind, holder FROM pins WHERE model = ? ORDER BY kind, holder",
+                (digest,),
+            )
+        return [(str(m), str(k), str(h)) for m, k, h in rows]
+
+    def ref_digest(self, ref: str) -> str | None:
+        rows = self.query("SELECT digest FROM refs WHERE ref = ?", (ref,))
+        return str(rows[0][0]) if rows else None
+
+    def remember_ref(self, ref: str, digest: str) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO refs(ref, digest, resolved_at) VALUES (?, ?, ?)",
+                (ref, digest, time.time()),
+            )

@@ -1,0 +1,85 @@
+"""Partial downloads in staging/: resumable, fingerprinted chunk by chunk, locked per file.
+
+``<key>.part`` holds the bytes written so far, always a prefix of the object; ``<key>.chunks``
+is an append-only log of the xxh3-128 of each completed chunk. After a crash the prefix is
+re-read once and each chunk checked against the log: matching chunks are kept (and fed to the
+sha256 again, since a hash state cannot be saved), the first chunk that does not match and
+everything after it is dropped. So a restart re-downloads at most the chunk in flight per file.
+Chunks are not fsynced one by one: the log entry is only trusted when the bytes on disk match it,
+and the whole file is fsynced before it is committed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from weightcache.daemon.hashing import StreamHasher, chunk_xxh3
+
+_ENTRY = 16
+
+
+class PartialFile:
+    """One object being downloaded into staging. Use as a context manager (holds a flock)."""
+
+    def __init__(self, staging: Path, key: str, size: int, chunk_size: int) -> None:
+        self.path = staging / f"{key}.part"
+        self.log_path = staging / f"{key}.chunks"
+        self.size = size
+        self.chunk_size = chunk_size
+        self._fd = -1
+        self._log_fd = -1
+
+    def __enter__(self) -> PartialFile:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Two processes never write the same partial file: the second waits for the first.
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._log_fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._log_fd)
+        os.close(self._fd)  # releases the flock
+
+    def resume(self, hasher: StreamHasher) -> int:
+        """Check the kept prefix against the chunk log; feed it to ``hasher``; return its length."""
+        with open(self.log_path, "rb") as f:
+            log = f.read()
+        disk = os.fstat(self._fd).st_size
+        good = 0
+        for i in range(len(log) // _ENTRY):
+            start = i * self.chunk_size
+            length = min(self.chunk_size, self.size - start)
+            if length <= 0 or start + length > disk:
+                break
+            data = os.pread(self._fd, length, start)
+            if len(data) != length or chunk_xxh3(data) != log[i * _ENTRY : (i + 1) * _ENTRY]:
+                break
+            hasher.update(data)
+            good = start + length
+        kept_chunks = -(-good // self.chunk_size) if good else 0
+        os.ftruncate(self._fd, good)
+        os.ftruncate(self._log_fd, kept_chunks * _ENTRY)
+        return good
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(self._fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def record_chunks(self, digests: list[bytes]) -> None:
+        if digests:
+            os.write(self._log_fd, b"".join(digests))
+
+    def fsync(self) -> None:
+        os.fsync(self._fd)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)
+
+    def forget_log(self) -> None:
+        self.log_path.unlink(missing_ok=True)

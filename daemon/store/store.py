@@ -1,0 +1,503 @@
+"""The content-addressed, crash-safe model store.
+
+Guarantees (each method's docstring adds its own):
+- Nothing appears under ``models/`` until every byte of the model has been checked against its
+  sha256 and fsynced; a tree is built in ``staging/`` and renamed into place in one step.
+- Blobs are immutable (0444), named by sha256, and stored once however many models use them.
+- The index is the source of truth; opening a store reconciles the disk with it without hashing
+  anything: unknown trees, blobs and temporary files are removed, partial downloads are kept.
+- Pinned models and models being fetched are never evicted.
+- Removing what is already gone is not an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from weightcache.daemon.config import StoreConfig
+from weightcache.daemon.errors import InsufficientSpace
+from weightcache.daemon.hashing import Fingerprint
+from weightcache.daemon.store.index import BlobRow, Index, ModelRow
+from weightcache.daemon.store.layout import (
+    Layout,
+    exchange,
+    fsync_dir,
+    remove_tree,
+    seal_tree,
+)
+from weightcache.daemon.store.staging import PartialFile
+
+log = logging.getLogger(__name__)
+
+READY = "ready"
+FETCHING = "fetching"
+FAILED = "failed"
+CORRUPT = "corrupt"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Bytes held and allowed."""
+
+    blob_bytes: int
+    staging_bytes: int
+    budget: int
+    fs_free: int
+
+    @property
+    def used(self) -> int:
+        return self.blob_bytes + self.staging_bytes
+
+
+class Store:
+    """A store directory and its index. Thread-safe; safe to share between processes."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self.layout = Layout(config.root)
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        self.layout.create()
+        self._lock_fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        self.index = Index(self.layout.index)
+        with self.locked():
+            self._reconcile()
+
+    def close(self) -> None:
+        self.index.close()
+        os.close(self._lock_fd)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The store-wide lock (flock) held around installs, evictions and reconciliation."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    # -- reconciliation ------------------------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        """Make the disk agree with the index. Stats files; never hashes them."""
+        lay = self.layout
+        known_blobs = {
+            str(r[0]).removeprefix("sha256:") for r in self.index.query("SELECT sha256 FROM blobs")
+        }
+        on_disk = set()
+        for sub in lay.blobs.iterdir():
+            for f in sub.iterdir():
+                if f.name not in known_blobs:
+                    log.info("removing blob unknown to the index: %s", f)
+                    f.unlink(missing_ok=True)
+                else:
+                    on_disk.add(f.name)
+        for hexd in known_blobs - on_disk:
+            self._mark_blob_missing("sha256:" + hexd)
+        installed = {
+            row.digest.removeprefix("sha256:"): row
+            for row in self.index.models()
+            if row.state in (READY, CORRUPT)
+        }
+        for tree in lay.models.iterdir():
+            if tree.name not in installed:
+                log.info("removing model tree unknown to the index: %s", tree)
+                remove_tree(tree)
+        for hexd, row in installed.items():
+            if not (lay.models / hexd).is_dir():
+                log.warning("model %s lost its tree; rebuilding from blobs", row.digest)
+                try:
+                    self._build_tree(row.digest)
+                except FileNotFoundError:
+                    self.index.set_state(row.digest, CORRUPT, "tree and blobs missing")
+        for entry in lay.staging.iterdir():
+            if entry.name.endswith((".part", ".chunks", ".lock")):
+                continue  # resumable downloads and fetch locks
+            remove_tree(entry)
+
+    def _mark_blob_missing(self, sha256: str) -> None:
+        with self.index.tx() as c:
+            c.execute("UPDATE blobs SET state = 'missing' WHERE sha256 = ?", (sha256,))
+            c.execute(
+                "UPDATE models SET state = ?, error = ? WHERE state = ? AND digest IN "
+                "(SELECT model FROM model_files WHERE sha256 = ?)",
+                (CORRUPT, f"blob {sha256} is missing from the store", READY, sha256),
+            )
+
+    # -- staging -------------------------------------------------------------------------------
+
+    def partial(self, key: str, size: int, chunk_size: int) -> PartialFile:
+        return PartialFile(self.layout.staging, key, size, chunk_size)
+
+    def temp_path(self, hint: str = "tmp") -> Path:
+        return self.layout.staging / f"{hint}-{uuid.uuid4().hex}"
+
+    def fetch_lock(self, digest: str) -> FetchLock:
+        return FetchLock(self.layout.staging / f"{digest.removeprefix('sha256:')}.lock")
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.layout.blob(sha256)
+
+    def has_blob(self, sha256: str) -> bool:
+        row = self.index.blob(sha256)
+        return row is not None and row.state == "ok" and self.layout.blob(sha256).exists()
+
+    def commit_blob(self, staged: Path, fp: Fingerprint, model: str, path: str) -> None:
+        """Move a verified, fsynced file into blobs/ (or drop it if the blob is already held)
+        and record that ``model`` holds it at ``path``."""
+        target = self.layout.blob(fp.sha256)
+        target.parent.mkdir(exist_ok=True)
+        if self.has_blob(fp.sha256):
+            staged.unlink(missing_ok=True)
+        else:
+            os.chmod(staged, 0o444)
+            os.replace(staged, target)
+            fsync_dir(target.parent)
+        st = os.stat(target)
+        now = time.time()
+        with self.index.tx() as c:
+            c.execute(
+                "INSERT INTO blobs(sha256, size, xxh3, chunk_size, chunks, inode, mtime_ns,"
+                " state, verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'ok', ?)"
+                " ON CONFLICT(sha256) DO UPDATE SET size = excluded.size, xxh3 = excluded.xxh3,"
+                " chunk_size = excluded.chunk_size, chunks = excluded.chunks,"
+                " inode = excluded.inode, mtime_ns = excluded.mtime_ns, state = 'ok',"
+                " verified_at = excluded.verified_at",
+                (
+                    fp.sha256,
+                    fp.size,
+                    fp.xxh3,
+                    fp.chunk_size,
+                    fp.chunks,
+                    st.st_ino,
+                    st.st_mtime_ns,
+                    now,
+                ),
+            )
+            c.execute(
+                "INSERT OR REPLACE INTO model_files(model, path, sha256) VALUES (?, ?, ?)",
+                (model, path, fp.sha256),
+            )
+
+    def link_blob(self, model: str, path: str, sha256: str) -> None:
+        """Record that ``model`` holds an already stored blob at ``path``."""
+        with self.index.tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO model_files(model, path, sha256) VALUES (?, ?, ?)",
+                (model, path, sha256),
+            )
+
+    # -- models --------------------------------------------------------------------------------
+
+    def model(self, digest: str) -> ModelRow | None:
+        return self.index.model(digest)
+
+    def model_path(self, digest: str) -> Path:
+        return self.layout.model(digest)
+
+    def begin(self, digest: str, ref: str, fmt: str, total: int) -> None:
+        """Record a model as being fetched (kept ``ready`` if it already is)."""
+        self.index.upsert_fetching(digest, ref, fmt, total)
+
+    def forget_files(self, digest: str, keep: set[str]) -> None:
+        """Drop file records of a model that are not in ``keep`` (a re-fetch changed its plan)."""
+        with self.index.tx() as c:
+            for (path,) in c.execute(
+                "SELECT path FROM model_files WHERE model = ?", (digest,)
+            ).fetchall():
+                if path not in keep:
+                    c.execute(
+                        "DELETE FROM model_files WHERE model = ? AND path = ?", (digest, path)
+                    )
+
+    def install(self, digest: str) -> Path:
+        """Build the model's tree from its blobs and rename it into models/, atomically.
+
+        An existing tree (a corrupt model being healed) is swapped out in one step."""
+        with self.locked():
+            path = self._build_tree(digest)
+            files = self.index.model_files(digest)
+            size = self.index.scalar(
+                "SELECT COALESCE(SUM(b.size), 0) FROM model_files f"
+                " JOIN blobs b ON b.sha256 = f.sha256 WHERE f.model = ?",
+                (digest,),
+            )
+            with self.index.tx() as c:
+                c.execute(
+                    "UPDATE models SET state = ?, error = '', size = ?, files = ?, ready_at = ?,"
+                    " bytes_done = bytes_total, rate = 0 WHERE digest = ?",
+                    (READY, size, len(files), time.time(), digest),
+                )
+        return path
+
+    def _build_tree(self, digest: str) -> Path:
+        files = self.index.model_files(digest)
+        tree = (
+            self.layout.staging
+            / f"tree-{digest.removeprefix('sha256:')[:16]}-{uuid.uuid4().hex[:8]}"
+        )
+        tree.mkdir()
+        try:
+            for rel, sha in files:
+                dest = tree / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.link(self.layout.blob(sha), dest)
+            seal_tree(tree)
+            final = self.layout.model(digest)
+            if final.exists():
+                if not exchange(tree, final):
+                    remove_tree(final)
+                    os.rename(tree, final)
+                remove_tree(tree)  # after an exchange, the old tree
+            else:
+                os.rename(tree, final)
+            fsync_dir(self.layout.models)
+            return final
+        except BaseException:
+            remove_tree(tree)
+            raise
+
+    def fail(self, digest: str, error: str) -> None:
+        row = self.index.model(digest)
+        if row is not None and row.state != READY:
+            self.index.set_state(digest, FAILED, error)
+
+    def models(self) -> list[ModelRow]:
+        return self.index.models()
+
+    def resolve_cached(self, ref: str) -> str | None:
+        """The digest a reference resolved to last time, if any."""
+        return self.index.ref_digest(ref)
+
+    def remember(self, ref: str, digest: str) -> None:
+        self.index.remember_ref(ref, digest)
+
+    def touch(self, digest: str) -> None:
+        self.index.touch(digest)
+
+    # -- pins ----------------------------------------------------------------------------------
+
+    def pin(self, digest: str, kind: str, holder: str) -> None:
+        """Pin a model (idempotent). ``kind`` is ``mount`` or ``warm``; ``holder`` says who."""
+        with self.index.tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO pins(model, kind, holder, created_at) VALUES (?, ?, ?, ?)",
+                (digest, kind, holder, time.time()),
+            )
+
+    def unpin(self, digest: str, kind: str, holder: str) -> None:
+        """Drop a pin; dropping an absent pin is not an error."""
+        with self.index.tx() as c:
+            c.execute(
+                "DELETE FROM pins WHERE model = ? AND kind = ? AND holder = ?",
+                (digest, kind, holder),
+            )
+
+    def pins(self, digest: str | None = None) -> list[tuple[str, str, str]]:
+        return self.index.pins(digest)
+
+    # -- capacity ------------------------------------------------------------------------------
+
+    def usage(self) -> Usage:
+        blob_bytes = self.index.scalar(
+            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state != 'missing'"
+        )
+        staging_bytes = 0
+        for entry in self.layout.staging.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file():
+                    staging_bytes += entry.stat().st_blocks * 512
+        vfs = os.statvfs(self.layout.root)
+        budget = self.config.budget_bytes or vfs.f_blocks * vfs.f_frsize
+        return Usage(blob_bytes, staging_bytes, budget, vfs.f_bavail * vfs.f_frsize)
+
+    def make_room(self, needed: int, keep: str) -> list[str]:
+        """Evict least-recently-used unpinned models until ``needed`` more bytes fit under the
+        low watermark; raise :class:`InsufficientSpace` naming the sizes when they cannot."""
+        with self.locked():
+            usage = self.usage()
+            high = int(usage.budget * self.config.high_watermark)
+            evicted: list[str] = []
+            if usage.used + needed <= high and needed <= usage.fs_free:
+                return evicted
+            low = int(usage.budget * self.config.low_watermark)
+            for row in sorted(self.index.models(), key=lambda r: r.last_used):
+                if usage.used + needed <= low and needed <= usage.fs_free:
+                    break
+                if row.digest == keep or not self._evictable(row):
+                    continue
+                self._evict(row.digest)
+                evicted.append(row.digest)
+                usage = self.usage()
+            if usage.used + needed > usage.budget or needed > usage.fs_free:
+                pinned = sum(r.size for r in self.index.models() if self.index.pins(r.digest))
+                raise InsufficientSpace(
+                    f"model needs {needed} more bytes; store budget {usage.budget} bytes, "
+                    f"{usage.used} in use ({pinned} pinned), {usage.fs_free} free on the "
+                    f"filesystem, after evicting {len(evicted)} unpinned model(s)"
+                )
+            return evicted
+
+    def _evictable(self, row: ModelRow) -> bool:
+        if self.index.pins(row.digest):
+            return False
+        return not self.fetch_lock(row.digest).held_elsewhere()
+
+    def evict(self, digest: str) -> bool:
+        """Remove a model unless it is pinned or being fetched; True if it was removed."""
+        with self.locked():
+            row = self.index.model(digest)
+            if row is None or not self._evictable(row):
+                return False
+            self._evict(digest)
+            return True
+
+    def _evict(self, digest: str) -> None:
+        log.info("evicting model %s", digest)
+        with self.index.tx() as c:
+            c.execute("DELETE FROM model_files WHERE model = ?", (digest,))
+            c.execute("DELETE FROM models WHERE digest = ?", (digest,))
+            c.execute("DELETE FROM refs WHERE digest = ?", (digest,))
+        remove_tree(self.layout.model(digest))
+        self._drop_orphan_blobs()
+
+    def _drop_orphan_blobs(self) -> None:
+        orphans = [
+            str(r[0])
+            for r in self.index.query(
+                "SELECT sha256 FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM model_files)"
+            )
+        ]
+        for sha in orphans:
+            with self.index.tx() as c:
+                c.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))
+            self.layout.blob(sha).unlink(missing_ok=True)
+
+    def gc(self, target_bytes: int | None) -> list[str]:
+        """Evict LRU unpinned models until blob bytes <= ``target_bytes`` (default: the low
+        watermark of the budget); also drop failed models' partial state."""
+        with self.locked():
+            usage = self.usage()
+            target = (
+                target_bytes
+                if target_bytes is not None
+                else int(usage.budget * self.config.low_watermark)
+            )
+            evicted = []
+            for row in sorted(self.index.models(), key=lambda r: r.last_used):
+                if self.usage().used <= target:
+                    break
+                if self._evictable(row):
+                    self._evict(row.digest)
+                    evicted.append(row.digest)
+            return evicted
+
+    # -- quarantine ----------------------------------------------------------------------------
+
+    def quarantine(self, digest: str, path: str, sha256: str, reason: str) -> Path:
+        """Move a model file that failed a re-check out of the way and mark the model corrupt.
+
+        If the damaged inode is the blob itself, the blob is dropped too (every model that
+        shares it becomes corrupt); otherwise only this model's tree entry was replaced."""
+        with self.locked():
+            tree_file = self.layout.model(digest) / path
+            dest = (
+                self.layout.quarantine
+                / f"{int(time.time())}-{sha256.removeprefix('sha256:')[:16]}-{uuid.uuid4().hex[:6]}"
+            )
+            blob = self.layout.blob(sha256)
+            row = self.index.blob(sha256)
+            shared_inode = False
+            with contextlib.suppress(FileNotFoundError):
+                shared_inode = row is not None and os.stat(blob).st_ino == os.stat(tree_file).st_ino
+            parent = tree_file.parent
+            moved = False
+            if tree_file.exists() or tree_file.is_symlink():
+                os.chmod(parent, 0o755)
+                try:
+                    os.rename(tree_file, dest)
+                    moved = True
+                finally:
+                    os.chmod(parent, 0o555)
+            if shared_inode:
+                blob.unlink(missing_ok=True)
+            with self.index.tx() as c:
+                if shared_inode or not blob.exists():
+                    c.execute("UPDATE blobs SET state = 'corrupt' WHERE sha256 = ?", (sha256,))
+                    c.execute(
+                        "UPDATE models SET state = ?, error = ? WHERE digest IN"
+                        " (SELECT model FROM model_files WHERE sha256 = ?)",
+                        (CORRUPT, f"{path}: {reason}", sha256),
+                    )
+                c.execute(
+                    "UPDATE models SET state = ?, error = ? WHERE digest = ?",
+                    (CORRUPT, f"{path}: {reason}", digest),
+                )
+                c.execute(
+                    "INSERT INTO verifications(sha256, at, mode, ok, detail)"
+                    " VALUES (?, ?, 'quarantine', 0, ?)",
+                    (sha256, time.time(), f"{digest} {path}: {reason}"),
+                )
+            self._trim_quarantine()
+            return dest if moved else tree_file
+
+    def _trim_quarantine(self) -> None:
+        entries = sorted(self.layout.quarantine.iterdir(), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in entries)
+        while entries and total > self.config.quarantine_bytes:
+            oldest = entries.pop(0)
+            total -= oldest.stat().st_size
+            oldest.unlink(missing_ok=True)
+
+    def blob_row(self, sha256: str) -> BlobRow | None:
+        return self.index.blob(sha256)
+
+    def record_verification(self, sha256: str, mode: str, ok: bool, detail: str) -> None:
+        with self.index.tx() as c:
+            c.execute(
+                "INSERT INTO verifications(sha256, at, mode, ok, detail) VALUES (?, ?, ?, ?, ?)",
+                (sha256, time.time(), mode, int(ok), detail),
+            )
+            if ok:
+                c.execute(
+                    "UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (time.time(), sha256)
+                )
+
+
+class FetchLock:
+    """A per-model flock in staging/ held while a process fetches that model."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def __enter__(self) -> FetchLock:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+
+    def held_elsewhere(self) -> bool:
+        """True when another process (or another open of the file) holds the lock."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False

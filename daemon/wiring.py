@@ -1,0 +1,52 @@
+"""The composition root: build the store, the sources and the fetcher from a Config."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from weightcache.daemon.config import Config
+from weightcache.daemon.fetcher import Fetcher, ProgressCallback
+from weightcache.daemon.sources import Sources
+from weightcache.daemon.sources.local import LocalSource
+from weightcache.daemon.sources.oci import OciSource
+from weightcache.daemon.sources.oci_http import RegistryHTTP, load_docker_config
+from weightcache.daemon.sources.s3 import S3Source
+from weightcache.daemon.store.store import Store
+
+
+def _s3_client() -> Any:
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    # The standard AWS chain: AWS_ENDPOINT_URL, profiles, IRSA web identity, instance roles.
+    return boto3.client(
+        "s3",
+        config=BotoConfig(max_pool_connections=64, retries={"max_attempts": 1, "mode": "standard"}),
+    )
+
+
+def build_sources(config: Config) -> Sources:
+    http = RegistryHTTP(
+        config.registry,
+        load_docker_config(config.registry.docker_config),
+        timeout_s=config.fetch.timeout_s,
+        pool_size=config.fetch.files_in_parallel * config.fetch.ranges_per_file + 4,
+    )
+    return Sources({"oci": OciSource(http), "s3": S3Source(_s3_client), "file": LocalSource()})
+
+
+def build_fetcher(
+    config: Config,
+    store: Store | None = None,
+    *,
+    stop: threading.Event | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> Fetcher:
+    return Fetcher(
+        store or Store(config.store),
+        build_sources(config),
+        config.fetch,
+        stop=stop,
+        on_progress=on_progress,
+    )
