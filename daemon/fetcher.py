@@ -14,10 +14,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -205,20 +206,47 @@ class Fetcher:
             archives = [i for i in todo if isinstance(i, RemoteArchive)]
             files = [i for i in todo if isinstance(i, RemoteFile)]
             stop = threading.Event()
-            futures = [self._files.submit(self._fetch_file, plan, f, progress, stop) for f in files]
+            # Two paths with the same content are downloaded once and linked twice.
+            unique: dict[str, RemoteFile] = {}
+            aliases: list[tuple[RemoteFile, RemoteFile]] = []
+            for f in files:
+                first = unique.setdefault(f.staging_key, f)
+                if first is not f:
+                    aliases.append((f, first))
+            futures = {
+                key: self._files.submit(self._fetch_file, plan, f, progress, stop)
+                for key, f in unique.items()
+            }
             archive_futures = [
                 self._files.submit(self._fetch_archive_blob, plan, a, progress, stop)
                 for a in archives
             ]
-            try:
-                for fut in futures:
-                    fut.result()
-                # Archives unpack in manifest order: image layers override earlier ones.
-                for archive, pending in zip(archives, archive_futures, strict=True):
-                    self._unpack(plan, archive, pending.result(), tree)
-            except BaseException:
+            transfers = [*futures.values(), *archive_futures]
+            done, _ = wait(transfers, return_when=FIRST_EXCEPTION)
+            failures = [e for f in done if not f.cancelled() and (e := f.exception())]
+            if failures:
+                # Stop the other transfers and let them finish before reporting: no thread
+                # may still write into staging once the failure is out. Report the cause,
+                # not a transfer that was cancelled because of it.
                 stop.set()
-                raise
+                for fut in transfers:
+                    fut.cancel()
+                wait(transfers)
+                failures += [
+                    e
+                    for f in transfers
+                    if f not in done and not f.cancelled() and (e := f.exception())
+                ]
+                raise next(
+                    (e for e in failures if not isinstance(e, InterruptedError)), failures[0]
+                )
+            shas = {key: fut.result() for key, fut in futures.items()}
+            for alias, first in aliases:
+                store.link_blob(plan.digest, alias.path, shas[first.staging_key])
+                progress.add(alias.size)
+            # Archives unpack in manifest order: image layers override earlier ones.
+            for archive, pending in zip(archives, archive_futures, strict=True):
+                self._unpack(plan, archive, pending.result(), tree)
             if archives:
                 for path, sha in tree.files.items():
                     store.link_blob(plan.digest, path, sha)
@@ -248,8 +276,11 @@ class Fetcher:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 msg = f"disk full while fetching {plan.ref}: {exc.strerror}"
                 progress.last_error = msg
-                store.fail(plan.digest, msg)
-                self._discard_partials(plan)
+                self._discard_partials(plan)  # first: the index needs room to record the failure
+                try:
+                    store.fail(plan.digest, msg)
+                except sqlite3.Error as db_exc:
+                    log.error("%s; the index could not record it either: %s", msg, db_exc)
                 raise InsufficientSpace(msg) from exc
             progress.last_error = str(exc)
             store.fail(plan.digest, str(exc))
@@ -333,7 +364,7 @@ class Fetcher:
 
     def _fetch_file(
         self, plan: ModelPlan, item: RemoteFile, progress: Progress, stop: threading.Event
-    ) -> None:
+    ) -> str:
         fp, path = self._download(
             plan, item.locator, item.version, item.staging_key, item.size, progress, stop
         )
@@ -349,6 +380,7 @@ class Fetcher:
             )
         self.store.commit_blob(Path(path), fp, plan.digest, item.path)
         self.store.partial(item.staging_key, item.size, self.config.part_bytes).forget_log()
+        return fp.sha256
 
     def _fetch_archive_blob(
         self, plan: ModelPlan, item: RemoteArchive, progress: Progress, stop: threading.Event
@@ -408,8 +440,11 @@ class Fetcher:
         if not final and now - self._last_report < 0.5:
             return
         self._last_report = now
-        self.store.index.set_progress(
-            progress.digest, progress.done, progress.total, progress.rate, progress.last_error
-        )
+        try:
+            self.store.index.set_progress(
+                progress.digest, progress.done, progress.total, progress.rate, progress.last_error
+            )
+        except sqlite3.Error as exc:  # progress is best effort; a full disk must not mask the cause
+            log.warning("could not record progress of %s: %s", progress.digest, exc)
         if self._on_progress is not None:
             self._on_progress(progress)

@@ -9,7 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import make_config
 
+from weightcache.daemon.config import Config
+from weightcache.daemon.fetcher import Fetcher
+from weightcache.daemon.store.store import Store
+from weightcache.daemon.wiring import build_fetcher
+from weightcache.testing.faultproxy import FaultProxy, run_fault_proxy
+from weightcache.testing.models import ModelPublisher
 from weightcache.testing.oci_push import RegistryPusher
 from weightcache.testing.services import Registry, S3Endpoint, run_registry, run_s3
 
@@ -36,3 +43,40 @@ def s3() -> Iterator[S3Endpoint]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def publisher(pusher: RegistryPusher, tmp_path: Path) -> Iterator[ModelPublisher]:
+    pub = ModelPublisher(pusher, tmp_path / "publish")
+    pub.workdir.mkdir()
+    yield pub
+    pub.close()
+
+
+@pytest.fixture(scope="session")
+def _proxy(registry: Registry) -> Iterator[FaultProxy]:
+    with run_fault_proxy(registry.url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxy(_proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the registry, reset for each test."""
+    _proxy.state.reset()
+    _proxy.state.auth = ""
+    yield _proxy
+    _proxy.state.reset()
+    _proxy.state.auth = ""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path / "store")
+
+
+@pytest.fixture
+def fetcher(config: Config) -> Iterator[Fetcher]:
+    f = build_fetcher(config, Store(config.store))
+    yield f
+    f.close()
+    f.store.close()

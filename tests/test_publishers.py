@@ -6,7 +6,6 @@ import gzip
 import io
 import json
 import tarfile
-from collections.abc import Iterator
 
 import pytest
 import zstandard
@@ -25,13 +24,6 @@ from weightcache.testing.models import (
 )
 from weightcache.testing.oci_push import RegistryPusher
 from weightcache.testing.services import S3Endpoint
-
-
-@pytest.fixture
-def publisher(pusher: RegistryPusher) -> Iterator[ModelPublisher]:
-    pub = ModelPublisher(pusher)
-    yield pub
-    pub.close()
 
 
 def _manifest(pusher: RegistryPusher, repo: str, ref: str) -> dict:
@@ -124,10 +116,11 @@ def test_index_with_platforms(pusher: RegistryPusher, publisher: ModelPublisher)
 def test_s3_prefix(s3: S3Endpoint) -> None:
     files = sample_model(6)
     client = s3.client()
-    publish_s3(client, "models", "team/llm/v1/", files)
-    listed = client.list_objects_v2(Bucket="models", Prefix="team/llm/v1/")["Contents"]
+    publish_s3(client, "publish-models", "team/llm/v1/", files)
+    listed = client.list_objects_v2(Bucket="publish-models", Prefix="team/llm/v1/")["Contents"]
+    bucket = "publish-models"
     got = {
-        o["Key"].removeprefix("team/llm/v1/"): client.get_object(Bucket="models", Key=o["Key"])[
+        o["Key"].removeprefix("team/llm/v1/"): client.get_object(Bucket=bucket, Key=o["Key"])[
             "Body"
         ].read()
         for o in listed

@@ -1,0 +1,55 @@
+"""Helpers shared by the tests (imported as ``helpers``; pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from weightcache.daemon.config import Config, FetchConfig, RegistryConfig, StoreConfig
+
+PART = 1024 * 1024
+"""Tests use 1 MiB parts and fingerprint chunks so multi-chunk files stay small."""
+
+
+def make_config(
+    root: Path,
+    *,
+    store: dict[str, object] | None = None,
+    registry: RegistryConfig | None = None,
+    **fetch: object,
+) -> Config:
+    """A test configuration: 1 MiB parts, no retry delays, the given overrides."""
+    settings: dict[str, object] = {"part_bytes": PART, "retry_delays": (0.0, 0.0, 0.0)}
+    settings.update(fetch)
+    return Config(
+        store=StoreConfig(root=root, **(store or {})),  # type: ignore[arg-type]
+        fetch=FetchConfig(**settings),  # type: ignore[arg-type]
+        registry=registry or RegistryConfig(),
+    )
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under ``root`` by relative path; fails on anything else."""
+    out: dict[str, bytes] = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = Path(dirpath) / name
+            assert stat.S_ISREG(os.lstat(p).st_mode), f"{p} is not a regular file"
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+def tree_modes(root: Path) -> set[tuple[str, int]]:
+    """(kind, mode) pairs present in a tree: kind is 'dir' or 'file'."""
+    modes = set()
+    for dirpath, _, filenames in os.walk(root):
+        modes.add(("dir", stat.S_IMODE(os.stat(dirpath).st_mode)))
+        for name in filenames:
+            modes.add(("file", stat.S_IMODE(os.stat(Path(dirpath) / name).st_mode)))
+    return modes
+
+
+def models_dir_entries(store_root: Path) -> list[str]:
+    """What is visible under models/: must stay empty after any failed fetch."""
+    return sorted(p.name for p in (store_root / "models").iterdir())
