@@ -37,8 +37,8 @@ class StoreConfig:
 class FetchConfig:
     files_in_parallel: int = 4
     """Files downloaded at once."""
-    ranges_per_file: int = 4
-    """Range requests in flight per large file; bounds memory at files x ranges x part size."""
+    ranges_per_file: int = 2
+    """Range requests in flight per large file; memory is files x ranges x part size."""
     part_bytes: int = 16 * 1024 * 1024
     """Size of one range request (a multiple of the fingerprint chunk size)."""
     retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -155,8 +155,8 @@ def validate(config: Config) -> None:
         raise ConfigError("[store] byte sizes must not be negative")
     if f.files_in_parallel < 1 or f.ranges_per_file < 1:
         raise ConfigError("[fetch] files_in_parallel and ranges_per_file must be at least 1")
-    if f.part_bytes < 1024 * 1024:
-        raise ConfigError("[fetch] part_bytes must be at least 1 MiB")
+    if f.part_bytes < 1024 * 1024 or f.part_bytes % 4096:
+        raise ConfigError("[fetch] part_bytes must be at least 1 MiB and a multiple of 4096")
     if f.bandwidth_bytes_per_s < 0 or f.timeout_s <= 0:
         raise ConfigError("[fetch] bandwidth must not be negative; timeout must be positive")
     if any(d < 0 for d in f.retry_delays):

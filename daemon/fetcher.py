@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import sqlite3
 import threading
@@ -122,6 +123,7 @@ class Fetcher:
             max_workers=config.files_in_parallel * config.ranges_per_file,
             thread_name_prefix="wc-range",
         )
+        self._local = threading.local()
         self._inflight: dict[str, Future[ModelRow]] = {}
         self._progress: dict[str, Progress] = {}
         self._lock = threading.Lock()
@@ -309,58 +311,71 @@ class Fetcher:
         part = self.config.part_bytes
         hasher = StreamHasher(chunk_size=part)
         partial = self.store.partial(key, size, part)
+        buffers = self._buffers()
         with partial:
             offset = partial.resume(hasher)
             progress.add(offset)
-            starts = list(range(offset, size, part))
-            window: list[tuple[int, Future[bytes | bytearray]]] = []
+            starts = iter(range(offset, size, part))
 
-            def read(start: int) -> bytes | bytearray:
-                length = min(part, size - start)
+            def read(start: int, buf: mmap.mmap) -> memoryview:
+                view = memoryview(buf)[: min(part, size - start)]
 
-                def attempt() -> bytes | bytearray:
+                def attempt() -> None:
                     if stop.is_set() or self.stop.is_set():
                         raise InterruptedError("fetch cancelled")
-                    self._limiter.consume(length)
-                    return source.read_range(plan.ref, locator, version, start, length)
+                    self._limiter.consume(len(view))
+                    source.read_into(plan.ref, locator, version, start, view)
 
                 def note(exc: Exception) -> None:
                     progress.last_error = str(exc)
 
-                return with_retries(
+                with_retries(
                     attempt,
                     self.config.retry_delays,
                     what=f"{plan.ref} {locator} @{start}",
                     stop=self.stop,
                     on_retry=note,
                 )
+                return view
 
-            pending = iter(starts)
+            # Up to ranges_per_file parts in flight, each in its own reused buffer; parts are
+            # written and hashed strictly in order as they complete.
+            window: list[tuple[int, mmap.mmap, Future[memoryview]]] = []
+            for buf, start in zip(buffers, starts, strict=False):
+                window.append((start, buf, self._ranges.submit(read, start, buf)))
             try:
-                for start in pending:
-                    window.append((start, self._ranges.submit(read, start)))
-                    if len(window) >= self.config.ranges_per_file:
-                        break
                 while window:
-                    start, fut = window.pop(0)
-                    data = fut.result()
-                    partial.write(start, data)
-                    partial.record_chunks(hasher.update(data))
-                    progress.add(len(data))
+                    start, buf, fut = window.pop(0)
+                    view = fut.result()
+                    partial.write(start, view)
+                    partial.record_chunks(hasher.update(view))
+                    progress.add(len(view))
                     self._report(progress)
-                    nxt = next(pending, None)
+                    nxt = next(starts, None)
                     if nxt is not None:
-                        window.append((nxt, self._ranges.submit(read, nxt)))
+                        window.append((nxt, buf, self._ranges.submit(read, nxt, buf)))
             except BaseException:
                 stop.set()
-                for _, fut in window:
-                    fut.cancel()
+                for _, _, pending in window:
+                    pending.cancel()
+                wait([pending for _, _, pending in window])
                 raise
             fp = hasher.finish()
             if size % part:
                 partial.record_chunks([fp.chunk_digest(fp.chunk_count - 1)])
             partial.fsync()
         return fp, str(partial.path)
+
+    def _buffers(self) -> list[mmap.mmap]:
+        """This file thread's read buffers, allocated once and reused for every part. They are
+        anonymous mmaps, so page-aligned, as direct writes need."""
+        bufs: list[mmap.mmap] | None = getattr(self._local, "buffers", None)
+        if bufs is None:
+            bufs = [
+                mmap.mmap(-1, self.config.part_bytes) for _ in range(self.config.ranges_per_file)
+            ]
+            self._local.buffers = bufs
+        return bufs
 
     def _fetch_file(
         self, plan: ModelPlan, item: RemoteFile, progress: Progress, stop: threading.Event

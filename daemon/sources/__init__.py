@@ -21,13 +21,14 @@ class Source(Protocol):
         """Resolve ``ref`` (a tag, a prefix, a directory) to an immutable plan and its digest."""
         ...
 
-    def read_range(
-        self, ref: ModelRef, locator: str, version: str, start: int, length: int
-    ) -> bytes | bytearray:
-        """Return exactly ``length`` bytes of the object at ``locator`` from ``start``.
+    def read_into(
+        self, ref: ModelRef, locator: str, version: str, start: int, buf: memoryview
+    ) -> None:
+        """Fill ``buf`` with exactly ``len(buf)`` bytes of the object at ``locator`` from
+        ``start``. The caller owns and reuses the buffer, so reads allocate nothing.
 
-        Raises :class:`SourceError` (``truncated`` when fewer bytes arrive) and never returns
-        a short read.
+        Raises :class:`SourceError` (``truncated`` when fewer bytes arrive); never leaves
+        ``buf`` partly filled without raising.
         """
         ...
 

@@ -62,23 +62,27 @@ class LocalSource:
             raise UnsafeContent(f"{ref}: {rel!r} is not a regular file")
         return full
 
-    def read_range(
-        self, ref: ModelRef, locator: str, version: str, start: int, length: int
-    ) -> bytes | bytearray:
+    def read_into(
+        self, ref: ModelRef, locator: str, version: str, start: int, buf: memoryview
+    ) -> None:
         try:
             fd = os.open(locator, os.O_RDONLY)
         except FileNotFoundError:
             raise SourceError(f"{ref}: {locator} disappeared", reason="not_found") from None
         try:
-            data = os.pread(fd, length, start)
+            got = 0
+            while got < len(buf):
+                n = os.preadv(fd, [buf[got:]], start + got)
+                if not n:
+                    break
+                got += n
         finally:
             os.close(fd)
-        if len(data) != length:
+        if got != len(buf):
             raise SourceError(
-                f"{ref}: {locator} shrank (wanted {length} bytes at {start}, got {len(data)})",
+                f"{ref}: {locator} shrank (wanted {len(buf)} bytes at {start}, got {got})",
                 reason="truncated",
             )
-        return data
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:

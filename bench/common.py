@@ -1,0 +1,135 @@
+"""Shared benchmark plumbing: timed, RSS-measured subprocess runs and a side-by-side table."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_VENV = ROOT / ".venv-peers"
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    seconds: float
+    nbytes: int
+    peak_rss: int
+    """Bytes: the largest resident set among the processes of the run."""
+    note: str = ""
+
+    @property
+    def mb_s(self) -> float:
+        return self.nbytes / MB / self.seconds if self.seconds > 0 else 0.0
+
+
+def drop_caches() -> bool:
+    """Flush dirty pages and drop the page cache so each contender reads from disk."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_parallel(
+    cmds: Sequence[Sequence[str]], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[float, int]:
+    """Run commands at once; return (wall seconds, peak RSS bytes of any of them).
+
+    Each command runs under GNU time, whose own small image is what the child starts from, so
+    the reported maximum RSS is the command's and not this Python process's before exec."""
+    gnu_time = shutil.which("time", path="/usr/bin") or "/usr/bin/time"
+    if not Path(gnu_time).exists():
+        raise SystemExit("GNU time is missing: apt-get install -y time")
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"rss{i}" for i in range(len(cmds))]
+        started = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [gnu_time, "-q", "-f", "%M", "-o", str(o), *c],
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for c, o in zip(cmds, outs, strict=True)
+        ]
+        errors = []
+        for p in procs:
+            _, err = p.communicate()
+            if p.returncode != 0:
+                errors.append(
+                    f"{' '.join(map(str, p.args[5:8]))}... exited {p.returncode}: "
+                    f"{err.decode(errors='replace')[-2000:]}"
+                )
+        elapsed = time.perf_counter() - started
+        if errors:
+            raise RuntimeError("\n".join(errors))
+        peak = max(int(o.read_text().split()[-1]) * 1024 for o in outs)
+    return elapsed, peak
+
+
+def measure(
+    name: str,
+    cmds: Sequence[Sequence[str]],
+    nbytes: int,
+    *,
+    note: str = "",
+    env: dict[str, str] | None = None,
+    then: Sequence[str] | None = None,
+) -> Result:
+    """Drop caches, run ``cmds`` in parallel (then ``then``, inside the timing)."""
+    drop_caches()
+    started = time.perf_counter()
+    _, peak = run_parallel(cmds, env=env)
+    if then:
+        subprocess.run(list(then), check=True)
+    return Result(name, time.perf_counter() - started, nbytes, peak, note)
+
+
+def peer_python() -> str:
+    """The interpreter of the peers' virtual environment (oras, kserve-storage, s5cmd)."""
+    py = PEERS_VENV / "bin" / "python"
+    if not py.exists():
+        raise SystemExit(f"peer packages missing: run `scripts/dev setup` (expects {py})")
+    return str(py)
+
+
+def peer_bin(name: str) -> str:
+    exe = PEERS_VENV / "bin" / name
+    if exe.exists():
+        return str(exe)
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found: run `scripts/dev setup`")
+    return found
+
+
+def table(title: str, ours: Result, others: Sequence[Result]) -> str:
+    lines = [title, ""]
+    lines.append(
+        f"| {'contender':44} | {'seconds':>8} | {'MB/s':>8} | {'weightcache / it':>16} "
+        f"| {'peak RSS MB':>11} |"
+    )
+    lines.append(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 18}|{'-' * 13}|")
+    for r in [ours, *others]:
+        ratio = ours.mb_s / r.mb_s if r.mb_s else 0.0
+        label = r.name + (f" ({r.note})" if r.note else "")
+        lines.append(
+            f"| {label:44} | {r.seconds:8.2f} | {r.mb_s:8.0f} | {ratio:15.2f}x "
+            f"| {r.peak_rss / MB:11.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

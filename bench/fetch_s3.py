@@ -1,0 +1,203 @@
+"""Fetch a model of N shards from a loopback S3 endpoint: weightcache beside its baselines.
+
+    .venv/bin/python bench/fetch_s3.py                   # 4 x 1 GiB, the full run
+    .venv/bin/python bench/fetch_s3.py --shard-mib 8     # a smoke run
+
+The endpoint is s3rver (npm), which serves ranged GETs from files; moto reads a whole object for
+every ranged GET, so a moto figure would measure moto. Contenders, each after dropping the page
+cache: weightcache warm (verified, durable), curl -o of presigned URLs (with and without sync),
+s5cmd cp, and boto3's download_file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    MB,
+    ROOT,
+    Result,
+    measure,
+    peer_bin,
+    peer_python,
+    say,
+    table,
+)
+from fetch_oci import make_shards
+
+from weightcache.testing.services import ServiceUnavailable, free_port
+
+S3RVER = ROOT / ".bench-node" / "node_modules" / ".bin" / "s3rver"
+CREDS = {
+    "AWS_ACCESS_KEY_ID": "S3RVER",
+    "AWS_SECRET_ACCESS_KEY": "S3RVER",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+BOTO3_DOWNLOAD = """
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1])
+for key in sys.argv[4:]:
+    s3.download_file(sys.argv[2], key, sys.argv[3] + "/" + key.replace("/", "_"))
+"""
+
+
+@contextlib.contextmanager
+def run_s3rver(data: Path) -> Iterator[str]:
+    if not S3RVER.exists():
+        raise ServiceUnavailable(f"s3rver missing: run `scripts/dev setup` (expects {S3RVER})")
+    port = free_port()
+    data.mkdir(parents=True)
+    proc = subprocess.Popen(
+        [
+            str(S3RVER),
+            "-d",
+            str(data),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--silent",
+            "--no-vhost-buckets",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import urllib3
+
+        http = urllib3.PoolManager(retries=False)
+        for _ in range(300):
+            with contextlib.suppress(urllib3.exceptions.HTTPError):
+                http.request("GET", url)
+                break
+            if proc.poll() is not None:
+                raise ServiceUnavailable(f"s3rver exited: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--shard-mib", type=int, default=1024)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    shard_bytes = args.shard_mib * 1024 * 1024
+    total = shard_bytes * args.shards
+    work = Path(tempfile.mkdtemp(prefix="wc-bench-s3-", dir=args.workdir or "/var/tmp"))
+    try:
+        say(f"bench: {args.shards} x {args.shard_mib} MiB in {work}")
+        files = make_shards(work / "src", args.shards, shard_bytes)
+        with run_s3rver(work / "s3rver") as url:
+            import boto3
+
+            env = {**os.environ, **CREDS, "AWS_ENDPOINT_URL": url}
+            s3 = boto3.client(
+                "s3",
+                endpoint_url=url,
+                region_name="us-east-1",
+                aws_access_key_id="S3RVER",
+                aws_secret_access_key="S3RVER",
+            )
+            s3.create_bucket(Bucket="bench")
+            keys = []
+            for name, path in files.items():
+                s3.upload_file(str(path), "bench", f"model/{name}")
+                keys.append(f"model/{name}")
+            shutil.rmtree(work / "src")
+            urls = [
+                s3.generate_presigned_url(
+                    "get_object", Params={"Bucket": "bench", "Key": k}, ExpiresIn=3600
+                )
+                for k in keys
+            ]
+            out = work / "out"
+
+            def fresh() -> Path:
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+                return out
+
+            fresh()
+            ours = measure(
+                "weightcache warm (sha256+xxh3, fsync)",
+                [
+                    [
+                        str(ROOT / ".venv/bin/weightcache"),
+                        "warm",
+                        "s3://bench/model/",
+                        "--store",
+                        str(out / "store"),
+                    ]
+                ],
+                total,
+                env=env,
+            )
+            curls = [
+                ["curl", "-sS", "--fail", "-o", str(out / f"{i}"), u] for i, u in enumerate(urls)
+            ]
+            results: list[Result] = []
+            fresh()
+            results.append(
+                measure("curl -o presigned + sync (4 parallel)", curls, total, then=["sync"])
+            )
+            fresh()
+            results.append(measure("curl -o presigned (4 parallel)", curls, total))
+            fresh()
+            results.append(
+                measure(
+                    "s5cmd cp",
+                    [
+                        [
+                            peer_bin("s5cmd"),
+                            "--endpoint-url",
+                            url,
+                            "cp",
+                            "s3://bench/model/*",
+                            f"{out}/",
+                        ]
+                    ],
+                    total,
+                    env=env,
+                )
+            )
+            fresh()
+            results.append(
+                measure(
+                    "boto3 download_file",
+                    [[peer_python(), "-c", BOTO3_DOWNLOAD, url, "bench", str(out), *keys]],
+                    total,
+                    env=env,
+                )
+            )
+            shutil.rmtree(out, ignore_errors=True)
+        title = (
+            f"S3 fetch: {args.shards} x {args.shard_mib} MiB from s3rver on loopback "
+            f"({total / MB:.0f} MB), page cache dropped before each"
+        )
+        print(table(title, ours, results), file=sys.stderr)
+        if args.json:
+            print(json.dumps([r.__dict__ | {"mb_s": r.mb_s} for r in [ours, *results]]))
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
