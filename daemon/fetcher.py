@@ -12,17 +12,18 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import logging
 import mmap
-import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from weightcache.daemon.config import FetchConfig
 from weightcache.daemon.errors import (
@@ -36,14 +37,22 @@ from weightcache.daemon.references import ModelRef
 from weightcache.daemon.retry import with_retries
 from weightcache.daemon.sources import Sources
 from weightcache.daemon.store.index import ModelRow
+from weightcache.daemon.store.staging import stage_stream
 from weightcache.daemon.store.store import READY, Store
-from weightcache.daemon.store.tarsafe import TreeBuilder, open_decompressed, unpack
+from weightcache.daemon.store.tarsafe import (
+    LayerTree,
+    TreeBuilder,
+    merge,
+    open_decompressed,
+    unpack,
+)
+from weightcache.daemon.transfer import PartStream, ordered_parts
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_EXPANSION = 3
 """Compressed tar layers are assumed to expand up to this much when checking capacity."""
-_WRITE = 8 * 1024 * 1024
+TAR_READ = 4 * 1024 * 1024
 
 
 @dataclass
@@ -95,6 +104,15 @@ class RateLimiter:
             wait = start - now
         if wait > 0:
             self._stop.wait(wait)
+
+
+def _space_needed(todo: list[RemoteFile | RemoteArchive]) -> int:
+    """Bytes the items will take in the store; compressed layers may expand."""
+    return sum(
+        i.size
+        * (ARCHIVE_EXPANSION if isinstance(i, RemoteArchive) and i.compression != "none" else 1)
+        for i in todo
+    )
 
 
 class Fetcher:
@@ -188,78 +206,31 @@ class Fetcher:
         progress = Progress(plan.digest, str(plan.ref), plan.total_bytes)
         self._progress[plan.digest] = progress
         try:
-            todo = []
+            todo: list[RemoteFile | RemoteArchive] = []
             for item in plan.items:
                 if isinstance(item, RemoteFile) and item.sha256 and store.has_blob(item.sha256):
                     store.link_blob(plan.digest, item.path, item.sha256)
                     progress.add(item.size)
                 else:
                     todo.append(item)
-            needed = sum(
-                i.size
-                * (1 if isinstance(i, RemoteFile) or i.compression == "none" else ARCHIVE_EXPANSION)
-                + (i.size if isinstance(i, RemoteArchive) else 0)
-                for i in todo
-            )
-            store.make_room(needed, keep=plan.digest)
-            tree = TreeBuilder(
-                allow_override=any(isinstance(i, RemoteArchive) and i.whiteouts for i in plan.items)
-            )
-            archives = [i for i in todo if isinstance(i, RemoteArchive)]
-            files = [i for i in todo if isinstance(i, RemoteFile)]
-            stop = threading.Event()
-            # Two paths with the same content are downloaded once and linked twice.
-            unique: dict[str, RemoteFile] = {}
-            aliases: list[tuple[RemoteFile, RemoteFile]] = []
-            for f in files:
-                first = unique.setdefault(f.staging_key, f)
-                if first is not f:
-                    aliases.append((f, first))
-            futures = {
-                key: self._files.submit(self._fetch_file, plan, f, progress, stop)
-                for key, f in unique.items()
-            }
-            archive_futures = [
-                self._files.submit(self._fetch_archive_blob, plan, a, progress, stop)
-                for a in archives
-            ]
-            transfers = [*futures.values(), *archive_futures]
-            done, _ = wait(transfers, return_when=FIRST_EXCEPTION)
-            failures = [e for f in done if not f.cancelled() and (e := f.exception())]
-            if failures:
-                # Stop the other transfers and let them finish before reporting: no thread
-                # may still write into staging once the failure is out. Report the cause,
-                # not a transfer that was cancelled because of it.
-                stop.set()
-                for fut in transfers:
-                    fut.cancel()
-                wait(transfers)
-                failures += [
-                    e
-                    for f in transfers
-                    if f not in done and not f.cancelled() and (e := f.exception())
-                ]
-                raise next(
-                    (e for e in failures if not isinstance(e, InterruptedError)), failures[0]
+            store.make_room(_space_needed(todo), keep=plan.digest)
+            layers = self._transfer(plan, todo, progress)
+            if layers:
+                tree = TreeBuilder(
+                    allow_override=any(
+                        isinstance(i, RemoteArchive) and i.whiteouts for i in plan.items
+                    )
                 )
-            shas = {key: fut.result() for key, fut in futures.items()}
-            for alias, first in aliases:
-                store.link_blob(plan.digest, alias.path, shas[first.staging_key])
-                progress.add(alias.size)
-            # Archives unpack in manifest order: image layers override earlier ones.
-            for archive, pending in zip(archives, archive_futures, strict=True):
-                self._unpack(plan, archive, pending.result(), tree)
-            if archives:
+                for layer in layers:  # manifest order: image layers override earlier ones
+                    merge(tree, layer, f"{plan.ref}")
                 for path, sha in tree.files.items():
                     store.link_blob(plan.digest, path, sha)
-                keep = {f.path for f in plan.items if isinstance(f, RemoteFile)} | set(tree.files)
-                store.forget_files(plan.digest, keep)
+                keep = set(tree.files)
             else:
-                store.forget_files(
-                    plan.digest,
-                    {f.path for f in files}
-                    | {i.path for i in plan.items if isinstance(i, RemoteFile)},
-                )
+                keep = set()
+            store.forget_files(
+                plan.digest, keep | {i.path for i in plan.items if isinstance(i, RemoteFile)}
+            )
             store.install(plan.digest)
             row = store.model(plan.digest)
             assert row is not None
@@ -290,161 +261,189 @@ class Fetcher:
         finally:
             self._report(progress, final=True)
 
+    def _transfer(
+        self, plan: ModelPlan, todo: list[RemoteFile | RemoteArchive], progress: Progress
+    ) -> list[LayerTree]:
+        """Fetch every item in parallel; return the archives' layers in manifest order."""
+        stop = threading.Event()
+        # Two paths with the same content are downloaded once and linked twice.
+        unique: dict[str, RemoteFile] = {}
+        aliases: list[tuple[RemoteFile, RemoteFile]] = []
+        for f in (i for i in todo if isinstance(i, RemoteFile)):
+            first = unique.setdefault(f.staging_key, f)
+            if first is not f:
+                aliases.append((f, first))
+        files = {
+            key: self._files.submit(self._fetch_file, plan, f, progress, stop)
+            for key, f in unique.items()
+        }
+        archives = [
+            self._files.submit(self._fetch_archive, plan, a, progress, stop)
+            for a in todo
+            if isinstance(a, RemoteArchive)
+        ]
+        transfers: list[Future[Any]] = [*files.values(), *archives]
+        done, _ = wait(transfers, return_when=FIRST_EXCEPTION)
+        failures = [e for f in done if not f.cancelled() and (e := f.exception())]
+        if failures:
+            # Stop the other transfers and let them finish before reporting: no thread may
+            # still write into staging once the failure is out. Report the cause, not a
+            # transfer that was cancelled because of it.
+            stop.set()
+            for fut in transfers:
+                fut.cancel()
+            wait(transfers)
+            failures += [
+                e for f in transfers if f not in done and not f.cancelled() and (e := f.exception())
+            ]
+            raise next((e for e in failures if not isinstance(e, InterruptedError)), failures[0])
+        shas = {key: fut.result() for key, fut in files.items()}
+        for alias, first in aliases:
+            self.store.link_blob(plan.digest, alias.path, shas[first.staging_key])
+            progress.add(alias.size)
+        return [fut.result() for fut in archives]
+
     def _discard_partials(self, plan: ModelPlan) -> None:
         for item in plan.items:
             self.store.partial(item.staging_key, item.size, self.config.part_bytes).discard()
 
-    # -- one file ------------------------------------------------------------------------------
+    # -- one object ----------------------------------------------------------------------------
 
-    def _download(
+    def _parts(
         self,
         plan: ModelPlan,
         locator: str,
         version: str,
-        key: str,
         size: int,
+        offset: int,
         progress: Progress,
         stop: threading.Event,
-    ) -> tuple[Fingerprint, str]:
-        """Download one object into its partial file; return its fingerprint and the path."""
+    ) -> Generator[memoryview, None, None]:
+        """The object's bytes from ``offset``, in order, through this thread's buffers."""
         source = self.sources.for_ref(plan.ref)
-        part = self.config.part_bytes
-        hasher = StreamHasher(chunk_size=part)
-        partial = self.store.partial(key, size, part)
-        buffers = self._buffers()
-        with partial:
-            offset = partial.resume(hasher)
-            progress.add(offset)
-            starts = iter(range(offset, size, part))
 
-            def read(start: int, buf: mmap.mmap) -> memoryview:
-                view = memoryview(buf)[: min(part, size - start)]
+        def read_into(start: int, view: memoryview) -> None:
+            def attempt() -> None:
+                if stop.is_set() or self.stop.is_set():
+                    raise InterruptedError("fetch cancelled")
+                self._limiter.consume(len(view))
+                source.read_into(plan.ref, locator, version, start, view)
 
-                def attempt() -> None:
-                    if stop.is_set() or self.stop.is_set():
-                        raise InterruptedError("fetch cancelled")
-                    self._limiter.consume(len(view))
-                    source.read_into(plan.ref, locator, version, start, view)
+            def note(exc: Exception) -> None:
+                progress.last_error = str(exc)
 
-                def note(exc: Exception) -> None:
-                    progress.last_error = str(exc)
+            with_retries(
+                attempt,
+                self.config.retry_delays,
+                what=f"{plan.ref} {locator} @{start}",
+                stop=self.stop,
+                on_retry=note,
+            )
 
-                with_retries(
-                    attempt,
-                    self.config.retry_delays,
-                    what=f"{plan.ref} {locator} @{start}",
-                    stop=self.stop,
-                    on_retry=note,
-                )
-                return view
-
-            # Up to ranges_per_file parts in flight, each in its own reused buffer; parts are
-            # written and hashed strictly in order as they complete.
-            window: list[tuple[int, mmap.mmap, Future[memoryview]]] = []
-            for buf, start in zip(buffers, starts, strict=False):
-                window.append((start, buf, self._ranges.submit(read, start, buf)))
-            try:
-                while window:
-                    start, buf, fut = window.pop(0)
-                    view = fut.result()
-                    partial.write(start, view)
-                    partial.record_chunks(hasher.update(view))
-                    progress.add(len(view))
-                    self._report(progress)
-                    nxt = next(starts, None)
-                    if nxt is not None:
-                        window.append((nxt, buf, self._ranges.submit(read, nxt, buf)))
-            except BaseException:
-                stop.set()
-                for _, _, pending in window:
-                    pending.cancel()
-                wait([pending for _, _, pending in window])
-                raise
-            fp = hasher.finish()
-            if size % part:
-                partial.record_chunks([fp.chunk_digest(fp.chunk_count - 1)])
-            partial.fsync()
-        return fp, str(partial.path)
+        for view in ordered_parts(
+            read_into, size, offset, self.config.part_bytes, self._buffers(), self._ranges, stop
+        ):
+            yield view
+            progress.add(len(view))
+            self._report(progress)
 
     def _buffers(self) -> list[mmap.mmap]:
         """This file thread's read buffers, allocated once and reused for every part. They are
         anonymous mmaps, so page-aligned, as direct writes need."""
         bufs: list[mmap.mmap] | None = getattr(self._local, "buffers", None)
         if bufs is None:
-            bufs = [
-                mmap.mmap(-1, self.config.part_bytes) for _ in range(self.config.ranges_per_file)
-            ]
+            count, size = self.config.ranges_per_file, self.config.part_bytes
+            bufs = [mmap.mmap(-1, size) for _ in range(count)]
             self._local.buffers = bufs
         return bufs
+
+    def _member_buffer(self) -> mmap.mmap:
+        buf: mmap.mmap | None = getattr(self._local, "member_buffer", None)
+        if buf is None:
+            buf = self._local.member_buffer = mmap.mmap(-1, self.config.part_bytes)
+        return buf
 
     def _fetch_file(
         self, plan: ModelPlan, item: RemoteFile, progress: Progress, stop: threading.Event
     ) -> str:
-        fp, path = self._download(
-            plan, item.locator, item.version, item.staging_key, item.size, progress, stop
-        )
+        """Download one file into its partial (resuming), verify it, commit it; its sha256."""
+        part = self.config.part_bytes
+        hasher = StreamHasher(chunk_size=part)
+        partial = self.store.partial(item.staging_key, item.size, part)
+        with partial:
+            offset = partial.resume(hasher)
+            progress.add(offset)
+            position = offset
+            for view in self._parts(
+                plan, item.locator, item.version, item.size, offset, progress, stop
+            ):
+                partial.write(position, view)
+                partial.record_chunks(hasher.update(view))
+                position += len(view)
+            fp = hasher.finish()
+            if item.size % part:
+                partial.record_chunks([fp.chunk_digest(fp.chunk_count - 1)])
+            partial.fsync()
         if item.sha256 and fp.sha256 != item.sha256:
-            self.store.partial(item.staging_key, item.size, self.config.part_bytes).discard()
+            partial.discard()
             raise DigestMismatch(
                 f"{plan.ref}: {item.path} hashes to {fp.sha256}, but the source announced "
                 f"{item.sha256}; the download was discarded"
             )
-        if fp.size != item.size:
-            raise DigestMismatch(
-                f"{plan.ref}: {item.path} is {fp.size} bytes, expected {item.size}"
-            )
-        self.store.commit_blob(Path(path), fp, plan.digest, item.path)
-        self.store.partial(item.staging_key, item.size, self.config.part_bytes).forget_log()
+        self.store.commit_blob(partial.path, fp, plan.digest, item.path)
+        partial.forget_log()
         return fp.sha256
 
-    def _fetch_archive_blob(
+    def _fetch_archive(
         self, plan: ModelPlan, item: RemoteArchive, progress: Progress, stop: threading.Event
-    ) -> str:
-        fp, path = self._download(
-            plan, item.locator, "", item.staging_key, item.size, progress, stop
-        )
-        if fp.sha256 != item.sha256:
-            self.store.partial(item.staging_key, item.size, self.config.part_bytes).discard()
-            raise DigestMismatch(
-                f"{plan.ref}: layer hashes to {fp.sha256}, but the manifest says {item.sha256}; "
-                "the download was discarded"
-            )
-        return path
+    ) -> LayerTree:
+        """Stream a tar layer from the source straight into staged member files, hashing the
+        layer on the way; commit the members only once the layer's digest checks out.
 
-    def _unpack(self, plan: ModelPlan, item: RemoteArchive, path: str, tree: TreeBuilder) -> None:
+        One network pass and one disk write per byte. A crash restarts the layer (raw-file
+        formats resume per chunk)."""
+        layer_hash = hashlib.sha256()
+        parts = self._parts(plan, item.locator, "", item.size, 0, progress, stop)
+        stream = PartStream(parts, layer_hash.update)
+        staged: dict[str, tuple[Path, Fingerprint]] = {}
         usage = self.store.usage()
         max_bytes = max(0, min(usage.budget - usage.used, usage.fs_free))
+        where = f"{plan.ref} layer {item.sha256}"
 
         def write(rel: str, reader: IO[bytes], size: int) -> str:
             tmp = self.store.temp_path("member")
-            hasher = StreamHasher(chunk_size=self.config.part_bytes)
-            with open(tmp, "wb") as out:
-                remaining = size
-                while remaining:
-                    data = reader.read(min(_WRITE, remaining))
-                    if not data:
-                        raise DigestMismatch(f"{plan.ref}: tar member {rel!r} is truncated")
-                    out.write(data)
-                    hasher.update(data)
-                    remaining -= len(data)
-                out.flush()
-                os.fsync(out.fileno())
-            fp = hasher.finish()
-            self.store.commit_blob(tmp, fp, plan.digest, rel)
+            fp = stage_stream(tmp, reader, size, self._member_buffer(), self.config.part_bytes)
+            old = staged.pop(rel, None)
+            if old is not None:
+                old[0].unlink(missing_ok=True)
+            staged[rel] = (tmp, fp)
             return fp.sha256
 
-        where = f"{plan.ref} layer {item.sha256}"
-        with open(path, "rb") as raw:
-            unpack(
+        try:
+            raw = io.BufferedReader(stream, buffer_size=TAR_READ)
+            layer = unpack(
                 open_decompressed(raw, item.compression),
-                tree,
                 write,
                 root=item.root,
                 whiteouts=item.whiteouts,
                 where=where,
                 max_bytes=max_bytes,
             )
-        self.store.partial(item.staging_key, item.size, self.config.part_bytes).discard()
+            stream.drain()
+            digest = "sha256:" + layer_hash.hexdigest()
+            if digest != item.sha256:
+                raise DigestMismatch(
+                    f"{plan.ref}: layer hashes to {digest}, but the manifest says "
+                    f"{item.sha256}; its unpacked files were discarded"
+                )
+            for rel, (tmp, fp) in staged.items():
+                self.store.commit_blob(tmp, fp, plan.digest, rel)
+            staged.clear()
+            return layer
+        finally:
+            parts.close()
+            for tmp, _ in staged.values():
+                tmp.unlink(missing_ok=True)
 
     # -- progress ------------------------------------------------------------------------------
 

@@ -18,13 +18,90 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 from pathlib import Path
+from typing import IO
 
-from weightcache.daemon.hashing import StreamHasher, chunk_xxh3
+from weightcache.daemon.errors import UnsafeContent
+from weightcache.daemon.hashing import Fingerprint, StreamHasher, chunk_xxh3
 
 _ENTRY = 16
 ALIGN = 4096
+
+
+class AlignedWriter:
+    """Positional writes through O_DIRECT where the filesystem allows it, buffered otherwise.
+
+    Only the page-aligned part of a write whose offset is aligned goes direct; the tail and
+    everything on filesystems that refuse O_DIRECT go through ``fd`` as usual."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self._fd = fd
+        self._direct = -1
+        try:
+            self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+
+    def close(self) -> None:
+        if self._direct >= 0:
+            os.close(self._direct)
+            self._direct = -1
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write at ``offset``; ``data`` should start page-aligned (an mmap) to go direct."""
+        view = memoryview(data)
+        aligned = len(view) & ~(ALIGN - 1)
+        if self._direct >= 0 and aligned and offset % ALIGN == 0:
+            try:
+                _pwrite_all(self._direct, view[:aligned], offset)
+                view, offset = view[aligned:], offset + aligned
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.close()  # this filesystem refuses it after all
+        _pwrite_all(self._fd, view, offset)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def stage_stream(
+    path: Path, reader: IO[bytes], size: int, buf: mmap.mmap, chunk_size: int
+) -> Fingerprint:
+    """Write exactly ``size`` bytes from ``reader`` to a new file at ``path``, fingerprinting
+    them in the same pass, and fsync it. ``buf`` (page-aligned) carries the bytes, so reads land
+    where the direct write takes them from."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    writer = AlignedWriter(path, fd)
+    hasher = StreamHasher(chunk_size=chunk_size)
+    view = memoryview(buf)
+    try:
+        offset = 0
+        while offset < size:
+            want = min(len(view), size - offset)
+            filled = 0
+            while filled < want:
+                n = reader.readinto(view[filled:want])  # type: ignore[attr-defined]
+                if not n:
+                    raise UnsafeContent(
+                        f"{path.name}: stream ended {size - offset - filled} bytes early"
+                    )
+                filled += n
+            hasher.update(view[:filled])
+            writer.write(offset, view[:filled])
+            offset += filled
+        os.fsync(fd)
+    finally:
+        writer.close()
+        os.close(fd)
+    return hasher.finish()
 
 
 class PartialFile:
@@ -36,7 +113,7 @@ class PartialFile:
         self.size = size
         self.chunk_size = chunk_size
         self._fd = -1
-        self._direct_fd = -1
+        self._writer: AlignedWriter | None = None
         self._log_fd = -1
 
     def __enter__(self) -> PartialFile:
@@ -44,18 +121,13 @@ class PartialFile:
         # Two processes never write the same partial file: the second waits for the first.
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         self._log_fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
+        self._writer = AlignedWriter(self.path, self._fd)
         return self
 
     def __exit__(self, *exc: object) -> None:
         os.close(self._log_fd)
-        if self._direct_fd >= 0:
-            os.close(self._direct_fd)
-            self._direct_fd = -1
+        if self._writer is not None:
+            self._writer.close()
         os.close(self._fd)  # releases the flock
 
     def resume(self, hasher: StreamHasher) -> int:
@@ -80,27 +152,8 @@ class PartialFile:
         return good
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write at ``offset``. ``data`` should start page-aligned (an mmap buffer) for the
-        direct path; anything else falls back to a buffered write."""
-        view = memoryview(data)
-        aligned = len(view) & ~(ALIGN - 1)
-        if self._direct_fd >= 0 and aligned and offset % ALIGN == 0:
-            try:
-                self._pwrite_all(self._direct_fd, view[:aligned], offset)
-                view, offset = view[aligned:], offset + aligned
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                os.close(self._direct_fd)  # this filesystem refuses it after all
-                self._direct_fd = -1
-        self._pwrite_all(self._fd, view, offset)
-
-    @staticmethod
-    def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-        while len(view):
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
-            offset += n
+        assert self._writer is not None, "use PartialFile as a context manager"
+        self._writer.write(offset, data)
 
     def record_chunks(self, digests: list[bytes]) -> None:
         if digests:

@@ -23,6 +23,7 @@ import zstandard
 from weightcache.daemon.errors import UnsafeContent, UnsupportedManifest
 from weightcache.daemon.plan import Compression, safe_relpath
 
+TAR_BUFFER = 4 * 1024 * 1024
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 
@@ -74,6 +75,29 @@ class TreeBuilder:
             self.dirs.discard(path)
 
 
+@dataclass
+class LayerTree:
+    """What one tar layer contributes, before it is merged over the layers below it."""
+
+    files: TreeBuilder = field(default_factory=TreeBuilder)
+    removals: list[tuple[str, bool]] = field(default_factory=list)
+    """Whiteouts, in order: (path, contents_only)."""
+    links: list[tuple[str, str, str]] = field(default_factory=list)
+    """(path, kind, target path in the tree), resolved after the merge."""
+    written: int = 0
+
+
+def merge(tree: TreeBuilder, layer: LayerTree, where: str) -> None:
+    """Apply ``layer`` over ``tree``: whiteouts first, then its entries, then its links."""
+    for path, contents_only in layer.removals:
+        tree.remove(path, contents_only=contents_only)
+    for d in sorted(layer.files.dirs):
+        tree.add_dir(d, where)
+    for path, sha in layer.files.files.items():
+        tree.add_file(path, sha, where)
+    _resolve_links(tree, layer.links, where)
+
+
 def open_decompressed(raw: IO[bytes], compression: Compression) -> IO[bytes]:
     if compression == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
@@ -84,19 +108,17 @@ def open_decompressed(raw: IO[bytes], compression: Compression) -> IO[bytes]:
 
 def unpack(
     stream: IO[bytes],
-    tree: TreeBuilder,
     write: FileWriter,
     *,
     root: str,
     whiteouts: bool,
     where: str,
     max_bytes: int,
-) -> int:
-    """Unpack one tar stream into ``tree``; return the bytes written. Raises on hostile input."""
-    written = 0
-    links: list[tuple[str, str, str]] = []  # (path, kind, target path in tree)
+) -> LayerTree:
+    """Unpack one tar stream; return what it contributes. Raises on hostile input."""
+    layer = LayerTree()
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BUFFER) as tar:
             for member in tar:
                 path = _select(member.name, root, where)
                 if path is None:
@@ -105,22 +127,24 @@ def unpack(
                 if whiteouts and name.startswith(WHITEOUT):
                     parent = posixpath.dirname(path)
                     if name == OPAQUE:
-                        tree.remove(parent, contents_only=True)
+                        layer.removals.append((parent, True))
                     else:
-                        tree.remove(posixpath.join(parent, name[len(WHITEOUT) :]))
+                        layer.removals.append(
+                            (posixpath.join(parent, name[len(WHITEOUT) :]), False)
+                        )
                     continue
                 if member.isdir():
-                    tree.add_dir(path, where)
+                    layer.files.add_dir(path, where)
                 elif member.isreg() and not member.issparse():
-                    if member.size > max_bytes - written:
+                    if member.size > max_bytes - layer.written:
                         raise UnsafeContent(
                             f"{where}: member {path!r} of {member.size} bytes exceeds the "
                             f"{max_bytes} bytes the store can take"
                         )
                     reader = tar.extractfile(member)
                     assert reader is not None
-                    tree.add_file(path, write(path, reader, member.size), where)
-                    written += member.size
+                    layer.files.add_file(path, write(path, reader, member.size), where)
+                    layer.written += member.size
                 elif member.issym():
                     target = posixpath.normpath(
                         posixpath.join(posixpath.dirname(path), member.linkname)
@@ -134,7 +158,7 @@ def unpack(
                             f"{where}: symlink {path!r} -> {member.linkname!r} "
                             "leaves the model tree"
                         )
-                    links.append((path, "symlink", target))
+                    layer.links.append((path, "symlink", target))
                 elif member.islnk():
                     linked = _select(member.linkname, root, where)
                     if linked is None:
@@ -142,7 +166,7 @@ def unpack(
                             f"{where}: hard link {path!r} -> {member.linkname!r} "
                             "leaves the model tree"
                         )
-                    links.append((path, "hard link", linked))
+                    layer.links.append((path, "hard link", linked))
                 else:
                     raise UnsafeContent(
                         f"{where}: {path!r} is a {_kind(member)}; only regular files, directories "
@@ -150,10 +174,13 @@ def unpack(
                     )
     except tarfile.TarError as exc:
         raise UnsupportedManifest(f"{where}: layer is not a valid tar archive: {exc}") from exc
-    except (EOFError, OSError, zstandard.ZstdError) as exc:
+    except (EOFError, zstandard.ZstdError) as exc:
         raise UnsupportedManifest(f"{where}: layer cannot be decompressed: {exc}") from exc
-    _resolve_links(tree, links, where)
-    return written
+    except OSError as exc:
+        if isinstance(exc, gzip.BadGzipFile):
+            raise UnsupportedManifest(f"{where}: layer cannot be decompressed: {exc}") from exc
+        raise
+    return layer
 
 
 def _resolve_links(tree: TreeBuilder, links: list[tuple[str, str, str]], where: str) -> None:
