@@ -33,7 +33,13 @@ def build_sources(config: Config) -> Sources:
         timeout_s=config.fetch.timeout_s,
         pool_size=config.fetch.files_in_parallel * config.fetch.ranges_per_file + 4,
     )
-    return Sources({"oci": OciSource(http), "s3": S3Source(_s3_client), "file": LocalSource()})
+    return Sources(
+        {
+            "oci": OciSource(http),
+            "s3": S3Source(_s3_client, config.fetch.timeout_s),
+            "file": LocalSource(),
+        }
+    )
 
 
 def build_fetcher(

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import base64
-import http.client
 import ipaddress
 import json
 import logging
@@ -22,14 +21,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urlencode
 
 import urllib3
 
 from weightcache.daemon.config import Mirror, RegistryConfig
 from weightcache.daemon.errors import SourceError
 from weightcache.daemon.references import OciRef
-from weightcache.daemon.retry import RetryAfter
+from weightcache.daemon.sources.ranges import RangeClient, status_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,8 +125,7 @@ class RegistryHTTP:
         )
         self._tokens: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()
-        self._timeout_s = timeout_s
+        self._ranges = RangeClient(timeout_s)
 
     # -- endpoints -------------------------------------------------------------------------
 
@@ -242,136 +240,24 @@ class RegistryHTTP:
         resp.release_conn()
         return status_error(resp.status, resp.headers.get("Retry-After"), body, what)
 
-    # -- blob bytes straight into the caller's buffer ---------------------------------------
-
-    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
-        pool: dict[tuple[str, str], http.client.HTTPConnection] = self._local.__dict__.setdefault(
-            "pool", {}
-        )
-        conn = pool.get((scheme, netloc))
-        if conn is None:
-            cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-            conn = cls(netloc, timeout=self._timeout_s)
-            pool[(scheme, netloc)] = conn
-        return conn
-
-    def _drop(self, scheme: str, netloc: str) -> None:
-        conn = self._local.__dict__.get("pool", {}).pop((scheme, netloc), None)
-        if conn is not None:
-            conn.close()
-
     def read_into(
         self, ref: OciRef, endpoint: Endpoint, url: str, start: int, buf: memoryview
     ) -> None:
-        """GET ``len(buf)`` bytes of ``url`` from ``start`` straight into ``buf``.
-
-        Uses one keep-alive connection per thread and endpoint, reads from the socket into the
-        caller's buffer with no intermediate copy, follows redirects (dropping credentials
-        when the host changes) and answers one auth challenge."""
-        length = len(buf)
+        """GET ``len(buf)`` bytes of a blob from ``start`` straight into ``buf``, answering
+        one auth challenge and remembering the token for the repository."""
         key = (endpoint.base, ref.repository)
-        origin_netloc = urlsplit(url).netloc
-        answered = False
-        for _ in range(6):
-            parts = urlsplit(url)
-            scheme, netloc = parts.scheme, parts.netloc
-            path = parts.path + (f"?{parts.query}" if parts.query else "")
-            headers = {"Range": f"bytes={start}-{start + length - 1}"}
-            token = self._tokens.get(key)
-            if token and netloc == origin_netloc:
-                headers["Authorization"] = token
-            conn = self._connection(scheme, netloc)
-            try:
-                conn.request("GET", path, headers=headers)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop(scheme, netloc)
-                raise SourceError(f"GET {url}: {exc}", reason="network", retryable=True) from exc
-            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                resp.read()
-                url = urljoin(url, resp.getheader("Location", ""))
-                continue
-            if resp.status == 401 and not answered:
-                challenge = resp.getheader("WWW-Authenticate", "")
-                resp.read()
-                auth = self._answer(ref, endpoint, challenge)
-                answered = True
-                if auth is not None:
-                    with self._lock:
-                        self._tokens[key] = auth
-                    continue
-                raise status_error(401, None, b"", f"GET {url}")
-            if resp.status >= 400:
-                body = resp.read(300)
-                self._drop(scheme, netloc)
-                raise status_error(resp.status, resp.getheader("Retry-After"), body, f"GET {url}")
-            if resp.status not in (200, 206):
-                self._drop(scheme, netloc)
-                raise SourceError(f"GET {url}: unexpected HTTP {resp.status}", reason="invalid")
-            try:
-                if resp.status == 200 and start:
-                    _discard(resp, start)  # the server ignored Range
-                got = 0
-                while got < length:
-                    n = resp.readinto(buf[got:])
-                    if not n:
-                        break
-                    got += n
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop(scheme, netloc)
-                raise SourceError(
-                    f"GET {url}: body cut short: {exc}", reason="truncated", retryable=True
-                ) from exc
-            if got < length:
-                self._drop(scheme, netloc)
-                raise SourceError(
-                    f"GET {url}: body cut short at {got} of {length} bytes",
-                    reason="truncated",
-                    retryable=True,
-                )
-            if not resp.isclosed():
-                # A 200 carries the rest of the blob: this connection cannot be reused.
-                self._drop(scheme, netloc)
-            return
-        raise SourceError(f"GET {url}: too many redirects", reason="invalid")
-
-
-def _discard(resp: http.client.HTTPResponse, n: int) -> None:
-    while n:
-        data = resp.read(min(n, 1 << 20))
-        if not data:
-            return
-        n -= len(data)
-
-
-def status_error(status: int, retry_after: str | None, body: bytes, what: str) -> SourceError:
-    """Map an HTTP error status to a SourceError with a stable reason."""
-    text = body.decode(errors="replace").strip()
-    detail = f"{what}: HTTP {status}" + (f": {text}" if text else "")
-    if status in (429, 503) and retry_after:
-        return RetryAfter(
-            detail,
-            reason="throttled" if status == 429 else "server",
-            delay=_retry_after(retry_after),
+        token = self._ranges.get_into(
+            url,
+            start,
+            buf,
+            auth=self._tokens.get(key),
+            authorize=lambda challenge: self._answer(ref, endpoint, challenge),
         )
-    if status == 429:
-        return SourceError(detail, reason="throttled", retryable=True)
-    if status in (401, 403):
-        return SourceError(detail, reason="auth")
-    if status == 404:
-        return SourceError(detail, reason="not_found")
-    if status >= 500:
-        return SourceError(detail, reason="server", retryable=True)
-    return SourceError(detail, reason="invalid")
+        if token is not None:
+            with self._lock:
+                self._tokens[key] = token
 
 
 def _mirror_endpoint(m: Mirror) -> Endpoint:
     base = m.url.rstrip("/")
     return Endpoint(base, mirror=True, api_prefix="" if m.override_path else "/v2")
-
-
-def _retry_after(value: str) -> float:
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return 1.0  # an HTTP date: rare for registries; a short wait is a safe reading

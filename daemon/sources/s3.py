@@ -14,6 +14,9 @@ from typing import Any
 from weightcache.daemon.errors import SourceError
 from weightcache.daemon.plan import ModelPlan, RemoteFile, listing_digest, safe_relpath
 from weightcache.daemon.references import ModelRef, S3Ref
+from weightcache.daemon.sources.ranges import RangeClient
+
+PRESIGN_SECONDS = 900
 
 _RETRYABLE_CODES = {
     "SlowDown",
@@ -28,8 +31,9 @@ _RETRYABLE_CODES = {
 class S3Source:
     """Resolves and reads models stored under S3 prefixes."""
 
-    def __init__(self, client_factory: Callable[[], Any]) -> None:
+    def __init__(self, client_factory: Callable[[], Any], timeout_s: float = 60.0) -> None:
         self._factory = client_factory
+        self._ranges = RangeClient(timeout_s)
         self._made: Any = None
         self._lock = threading.Lock()
 
@@ -69,34 +73,20 @@ class S3Source:
         self, ref: ModelRef, locator: str, version: str, start: int, buf: memoryview
     ) -> None:
         assert isinstance(ref, S3Ref)
-        length = len(buf)
-        if length == 0:
+        if not len(buf):
             return
-        what = f"s3://{ref.bucket}/{locator}"
-        kwargs: dict[str, Any] = {
-            "Bucket": ref.bucket,
-            "Key": locator,
-            "Range": f"bytes={start}-{start + length - 1}",
-        }
-        if version:
-            kwargs["IfMatch"] = f'"{version}"'
+        # A presigned URL (signed locally, no request) lets the bytes go from the socket
+        # straight into the buffer; botocore's body would copy every part once more.
         try:
-            body = self._client.get_object(**kwargs)["Body"]
-            got = 0
-            while got < length:
-                n = body.readinto(buf[got:])
-                if not n:
-                    break
-                got += n
-            body.close()
-        except Exception as exc:
-            raise _map_error(exc, what) from exc
-        if got < length:
-            raise SourceError(
-                f"{what}: body cut short at {got} of {length} bytes",
-                reason="truncated",
-                retryable=True,
+            url = self._client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": ref.bucket, "Key": locator},
+                ExpiresIn=PRESIGN_SECONDS,
             )
+        except Exception as exc:
+            raise _map_error(exc, f"s3://{ref.bucket}/{locator}") from exc
+        headers = {"If-Match": f'"{version}"'} if version else {}
+        self._ranges.get_into(url, start, buf, headers)
 
 
 def _map_error(exc: Exception, what: str) -> Exception:
