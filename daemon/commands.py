@@ -101,7 +101,11 @@ def warm(config: Config, refs: list[str], json_out: bool) -> int:
                 row = fut.result()
             except WeightcacheError as exc:
                 failed = True
-                _say(f"weightcache warm: {ref}: {exc}")
+                _say(
+                    f"weightcache warm: {exc}"
+                    if str(ref) in str(exc)
+                    else f"weightcache warm: {ref}: {exc}"
+                )
                 results.append(
                     {
                         "ref": str(ref),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,13 @@ def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
         raise ConfigError(f"[{where}]: unknown setting(s) {', '.join(sorted(unknown))}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        default = getattr(cls(), name)
+        spec = known[name]
+        if spec.default is not MISSING:
+            default = spec.default
+        elif spec.default_factory is not MISSING:
+            default = spec.default_factory()
+        else:
+            default = ""  # a required string field
         try:
             kwargs[name] = _coerce(default, value)
         except (TypeError, ValueError) as exc:
@@ -106,6 +112,10 @@ def _coerce(default: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise TypeError(f"expected a number, got {value!r}")
         return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return value
     if isinstance(default, Path) or default is None:
         if not isinstance(value, str):
             raise TypeError(f"expected a path string, got {value!r}")
@@ -135,7 +145,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         for i, entry in enumerate(entries):
             if isinstance(entry, str):
                 entry = {"url": entry}
-            if not isinstance(entry, dict) or "url" not in entry:
+            if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
                 raise ConfigError(f"[registry.mirrors] {host}[{i}]: expected {{url = ...}}")
             built.append(_build(Mirror, entry, f"registry.mirrors.{host}[{i}]"))
         mirrors[host] = tuple(built)

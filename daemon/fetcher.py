@@ -88,17 +88,24 @@ ProgressCallback = Callable[[Progress], None]
 class RateLimiter:
     """A token bucket shared by every download of this process; 0 means unlimited."""
 
-    def __init__(self, bytes_per_s: int, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        bytes_per_s: int,
+        stop: threading.Event,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._rate = bytes_per_s
         self._stop = stop
+        self._clock = clock
         self._lock = threading.Lock()
-        self._next = time.monotonic()
+        self._next = clock()
 
     def consume(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit under the rate (the stop event cuts the wait)."""
         if self._rate <= 0:
             return
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             start = max(now, self._next)
             self._next = start + n / self._rate
             wait = start - now
@@ -162,18 +169,21 @@ class Fetcher:
         key = str(ref)
         with self._lock:
             fut = self._inflight.get(key)
-            if fut is None:
-                fut = self._models.submit(self._warm, ref)
-                self._inflight[key] = fut
-                fut.add_done_callback(lambda _: self._forget(key))
-            return fut
+            if fut is not None:
+                return fut
+            fut = self._models.submit(self._warm, ref)
+            self._inflight[key] = fut
+        # Outside the lock: a fetch that already finished runs the callback right here.
+        fut.add_done_callback(lambda done: self._forget(key, done))
+        return fut
 
     def progress(self, digest: str) -> Progress | None:
         return self._progress.get(digest)
 
-    def _forget(self, key: str) -> None:
+    def _forget(self, key: str, fut: Future[ModelRow]) -> None:
         with self._lock:
-            self._inflight.pop(key, None)
+            if self._inflight.get(key) is fut:
+                del self._inflight[key]
 
     # -- one model -----------------------------------------------------------------------------
 
@@ -232,6 +242,8 @@ class Fetcher:
                 plan.digest, keep | {i.path for i in plan.items if isinstance(i, RemoteFile)}
             )
             store.install(plan.digest)
+            for other in store.restore_complete():
+                log.info("model %s restored: a blob it shares was fetched again", other)
             row = store.model(plan.digest)
             assert row is not None
             log.info(
@@ -371,6 +383,12 @@ class Fetcher:
         hasher = StreamHasher(chunk_size=part)
         partial = self.store.partial(item.staging_key, item.size, part)
         with partial:
+            if item.sha256 and self.store.has_blob(item.sha256):
+                # Another model's fetch committed the same content while we waited for it.
+                self.store.link_blob(plan.digest, item.path, item.sha256)
+                progress.add(item.size)
+                partial.discard()
+                return item.sha256
             offset = partial.resume(hasher)
             progress.add(offset)
             position = offset

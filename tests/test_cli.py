@@ -58,3 +58,16 @@ def test_console_script_is_installed() -> None:
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=False)
     assert out.returncode == 0
     assert out.stdout.startswith("weightcache ")
+
+
+def test_demo_runs_the_whole_flow() -> None:
+    out = _cli("demo")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for step in (
+        "files identical",
+        "verify --full",
+        "caught: ['config.json']",
+        "every model now: ['ready']",
+        "demo: done",
+    ):
+        assert step in out.stderr, step

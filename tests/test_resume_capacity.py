@@ -355,3 +355,35 @@ def test_fetcher_joins_concurrent_callers(
     rows = [f.result() for f in futures]
     assert len({r.digest for r in rows}) == 1
     assert proxy.state.blob_bytes_relayed == sum(len(v) for v in files.values())
+
+
+def test_models_sharing_files_warm_concurrently(tmp_path: Path) -> None:
+    shared = {f"d/f{i}.bin": os.urandom(1000 + i) for i in range(40)}
+    a = write_files(tmp_path / "a", {**shared, "a.txt": b"a"})
+    b = write_files(tmp_path / "b", {**shared, "b.txt": b"b"})
+    for attempt in range(3):
+        config = make_config(tmp_path / f"store{attempt}")
+        fetcher = build_fetcher(config, Store(config.store))
+        try:
+            futures = [fetcher.warm_async(parse_reference(f"file://{p}")) for p in (a, b)]
+            rows = [f.result() for f in futures]
+            trees = [read_tree(fetcher.store.model_path(r.digest)) for r in rows]
+            assert trees == [{**shared, "a.txt": b"a"}, {**shared, "b.txt": b"b"}]
+            assert verify_store(fetcher.store, full=True).ok
+            blobs = fetcher.store.index.scalar("SELECT COUNT(*) FROM blobs")
+            assert blobs == len(shared) + 2
+        finally:
+            fetcher.close()
+            fetcher.store.close()
+
+
+def test_a_failed_fetch_is_not_remembered(tmp_path: Path, fetcher: Fetcher) -> None:
+    from weightcache.daemon.errors import SourceError
+
+    src = tmp_path / "later"
+    ref = parse_reference(f"file://{src}")
+    for _ in range(3):  # a fetch that fails at once must neither hang nor stick
+        with pytest.raises(SourceError, match="does not exist"):
+            fetcher.warm(ref)
+    write_files(src, {"w.bin": b"weights"})
+    assert fetcher.warm(ref).state == READY

@@ -117,9 +117,18 @@ class PartialFile:
         self._log_fd = -1
 
     def __enter__(self) -> PartialFile:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        # Two processes never write the same partial file: the second waits for the first.
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        # Two writers (threads or processes) never share a partial file: the second waits for
+        # the first, then re-opens if the first committed it (renamed it into blobs/) meanwhile,
+        # so it can never write into a committed blob.
+        while True:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
         self._log_fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self._writer = AlignedWriter(self.path, self._fd)
         return self

@@ -239,6 +239,19 @@ class Store:
                 )
         return path
 
+    def restore_complete(self) -> list[str]:
+        """Rebuild every corrupt model whose blobs are all held again (a fetch of another model
+        restored a blob they share); return their digests."""
+        restored = []
+        for row in self.index.models():
+            if row.state != CORRUPT:
+                continue
+            files = self.index.model_files(row.digest)
+            if files and all(self.has_blob(sha) for _, sha in files):
+                self.install(row.digest)
+                restored.append(row.digest)
+        return restored
+
     def _build_tree(self, digest: str) -> Path:
         files = self.index.model_files(digest)
         tree = (

@@ -1,0 +1,58 @@
+"""Each benchmark runs end to end at tiny sizes: every contender present and measured.
+
+No timing is asserted here; the figures only mean something at full size (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench(script: str, *args: str) -> tuple[object, str]:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args, "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout), out.stderr
+
+
+@pytest.mark.bench
+def test_fetch_oci_smoke() -> None:
+    rows, table = _bench("fetch_oci.py", "--shards", "2", "--shard-mib", "4")
+    assert isinstance(rows, list)
+    names = [r["name"] for r in rows]
+    assert names[0].startswith("weightcache warm")
+    for peer in ("curl -o + sync", "curl -o (", "dd conv=fsync", "oras", "kserve-storage"):
+        assert any(peer in n for n in names), peer
+    assert all(r["nbytes"] == 2 * 4 * 1024 * 1024 and r["seconds"] > 0 for r in rows)
+    assert all(r["peak_rss"] > 0 for r in rows)
+    assert "weightcache / it" in table
+
+
+@pytest.mark.bench
+def test_fetch_s3_smoke() -> None:
+    rows, _ = _bench("fetch_s3.py", "--shards", "2", "--shard-mib", "4")
+    assert isinstance(rows, list)
+    names = [r["name"] for r in rows]
+    for peer in ("weightcache warm", "curl -o presigned + sync", "s5cmd", "boto3"):
+        assert any(peer in n for n in names), peer
+    assert all(r["seconds"] > 0 and r["peak_rss"] > 0 for r in rows)
+
+
+@pytest.mark.bench
+def test_store_scale_smoke() -> None:
+    doc, table = _bench("store_scale.py", "--files", "200")
+    assert isinstance(doc, dict)
+    assert doc["files"] == 400 and doc["blobs"] == 300
+    assert "weightcache ls --json" in table
