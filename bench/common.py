@@ -133,3 +133,12 @@ def table(title: str, ours: Result, others: Sequence[Result]) -> str:
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def report(title: str, ours: Result, others: Sequence[Result], as_json: bool) -> None:
+    """Print the table on stderr and, if asked, every result as JSON on stdout."""
+    print(table(title, ours, others), file=sys.stderr)
+    if as_json:
+        import json
+
+        print(json.dumps([r.__dict__ | {"mb_s": r.mb_s} for r in [ours, *others]]))

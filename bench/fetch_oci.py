@@ -31,8 +31,8 @@ from common import (
     Result,
     measure,
     peer_python,
+    report,
     say,
-    table,
 )
 
 from weightcache.testing.models import ModelPublisher
@@ -202,9 +202,7 @@ def main() -> int:
             f"OCI fetch: {args.shards} x {args.shard_mib} MiB from the loopback registry "
             f"({total / MB:.0f} MB), page cache dropped before each"
         )
-        print(table(title, ours, results), file=sys.stderr)
-        if args.json:
-            print(json.dumps([r.__dict__ | {"mb_s": r.mb_s} for r in [ours, *results]]))
+        report(title, ours, results, args.json)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

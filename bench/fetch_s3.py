@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -30,8 +29,8 @@ from common import (
     measure,
     peer_bin,
     peer_python,
+    report,
     say,
-    table,
 )
 from fetch_oci import make_shards
 
@@ -191,9 +190,7 @@ def main() -> int:
             f"S3 fetch: {args.shards} x {args.shard_mib} MiB from s3rver on loopback "
             f"({total / MB:.0f} MB), page cache dropped before each"
         )
-        print(table(title, ours, results), file=sys.stderr)
-        if args.json:
-            print(json.dumps([r.__dict__ | {"mb_s": r.mb_s} for r in [ours, *results]]))
+        report(title, ours, results, args.json)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -402,14 +402,16 @@ class Fetcher:
             if item.size % part:
                 partial.record_chunks([fp.chunk_digest(fp.chunk_count - 1)])
             partial.fsync()
-        if item.sha256 and fp.sha256 != item.sha256:
-            partial.discard()
-            raise DigestMismatch(
-                f"{plan.ref}: {item.path} hashes to {fp.sha256}, but the source announced "
-                f"{item.sha256}; the download was discarded"
-            )
-        self.store.commit_blob(partial.path, fp, plan.digest, item.path)
-        partial.forget_log()
+            # Verified and committed under the partial's lock, so a second writer waiting for
+            # it finds either the partial as it was or the committed blob, never a half-way.
+            if item.sha256 and fp.sha256 != item.sha256:
+                partial.discard()
+                raise DigestMismatch(
+                    f"{plan.ref}: {item.path} hashes to {fp.sha256}, but the source announced "
+                    f"{item.sha256}; the download was discarded"
+                )
+            self.store.commit_blob(partial.path, fp, plan.digest, item.path)
+            partial.forget_log()
         return fp.sha256
 
     def _fetch_archive(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 from weightcache.daemon.config import Config, FetchConfig, RegistryConfig, StoreConfig
@@ -53,3 +56,26 @@ def tree_modes(root: Path) -> set[tuple[str, int]]:
 def models_dir_entries(store_root: Path) -> list[str]:
     """What is visible under models/: must stay empty after any failed fetch."""
     return sorted(p.name for p in (store_root / "models").iterdir())
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``weightcache ARGS`` as a separate process, the way an operator does."""
+    return subprocess.run(
+        [sys.executable, "-m", "weightcache.daemon", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+
+
+class Hold:
+    """A proxy ``before`` hook that parks a request until released and says when one arrived."""
+
+    def __init__(self) -> None:
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> None:
+        self.arrived.set()
+        self.release.wait(60)

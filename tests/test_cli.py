@@ -6,18 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers import run_cli
 
 CONTRACT = ("warm", "ls", "verify", "gc", "node", "controller", "demo")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "weightcache.daemon", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    return run_cli(*args, timeout=120)
 
 
 def test_help_lists_every_contract_subcommand() -> None:

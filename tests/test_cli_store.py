@@ -6,24 +6,17 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from helpers import PART
+from helpers import PART, Hold, run_cli
 
 from weightcache.testing.faultproxy import FaultProxy, Rule
 from weightcache.testing.models import ModelPublisher, sample_model, write_files
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "weightcache.daemon", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    return run_cli(*args)
 
 
 @pytest.mark.parametrize("ref", ["oci://r.io/UPPER:v1", "http://x/y", "file://rel/dir", "s3://"])
@@ -64,12 +57,7 @@ def test_ls_shows_progress_of_a_fetch_in_flight(
 ) -> None:
     files = {"w.bin": os.urandom(4 * PART)}
     publisher.oras("cli/progress", "v1", files)
-    arrived, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        arrived.set()
-        release.wait(60)
-
+    hold = Hold()
     proxy.state.rules.append(Rule(r"/blobs/sha256:", range_from=2 * PART, before=hold))
     config = tmp_path / "wc.toml"
     config.write_text(f"[fetch]\npart_bytes = {PART}\nranges_per_file = 1\n")
@@ -91,7 +79,7 @@ def test_ls_shows_progress_of_a_fetch_in_flight(
         text=True,
     )
     try:
-        assert arrived.wait(120)
+        assert hold.arrived.wait(120)
         ls = json.loads(_cli("ls", "--store", str(store), "--json").stdout)
         (model,) = ls["models"]
         assert model["state"] == "fetching"
@@ -100,7 +88,7 @@ def test_ls_shows_progress_of_a_fetch_in_flight(
         human = _cli("ls", "--store", str(store)).stderr
         assert "fetching" in human and "/4.0 MiB" in human
     finally:
-        release.set()
+        hold.release.set()
         proc.wait(120)
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
     assert "4.0 MiB / 4.0 MiB (100%)" in (proc.stderr.read() if proc.stderr else "")

@@ -160,7 +160,14 @@ class Store:
             staged.unlink(missing_ok=True)
         else:
             os.chmod(staged, 0o444)
-            os.replace(staged, target)
+            try:
+                # link, never replace: a blob another thread committed first keeps its inode,
+                # which trees and the fast re-check rely on.
+                os.link(staged, target)
+            except FileExistsError:
+                if not self.has_blob(fp.sha256):
+                    os.replace(staged, target)  # an untrusted leftover, not a committed blob
+            staged.unlink(missing_ok=True)
             fsync_dir(target.parent)
         st = os.stat(target)
         now = time.time()
