@@ -136,3 +136,16 @@ def test_local_directory(tmp_path: Path, fetcher: Fetcher) -> None:
     got = read_tree(tree)
     assert got.pop("alias.safetensors") == files["model-00001-of-00002.safetensors"]
     assert got == files
+
+
+def test_s3_prefix_listing_spans_pages(s3: S3Endpoint, tmp_path: Path) -> None:
+    from weightcache.daemon.sources.s3 import S3Source
+
+    files = {f"shard/{i:04d}.bin": i.to_bytes(2, "big") for i in range(1105)}
+    client = s3.client()
+    client.create_bucket(Bucket="paged")
+    for key, body in files.items():
+        client.put_object(Bucket="paged", Key=f"big/{key}", Body=body)
+    plan = S3Source(s3.client).resolve(parse_reference("s3://paged/big/"))
+    assert sorted(i.path for i in plan.items) == sorted(files)  # type: ignore[union-attr]
+    assert plan.total_bytes == 2 * len(files)
