@@ -1,0 +1,49 @@
+"""Domain exceptions -> gRPC status codes, in exactly this one place."""
+
+from __future__ import annotations
+
+import grpc
+
+from weightcache.daemon.errors import (
+    DigestMismatch,
+    InsufficientSpace,
+    InvalidReference,
+    ModelCorrupt,
+    NotCached,
+    SourceError,
+    UnsafeContent,
+    UnsupportedManifest,
+    WeightcacheError,
+)
+
+
+class InvalidArgument(WeightcacheError, ValueError):
+    """A request field is missing or malformed; the message names the field."""
+
+
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidReference, grpc.StatusCode.INVALID_ARGUMENT),
+    (InsufficientSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotCached, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelCorrupt, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnsupportedManifest, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnsafeContent, grpc.StatusCode.FAILED_PRECONDITION),
+    (DigestMismatch, grpc.StatusCode.UNAVAILABLE),
+)
+_SOURCE_CODES = {
+    "auth": grpc.StatusCode.PERMISSION_DENIED,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "invalid": grpc.StatusCode.FAILED_PRECONDITION,
+    "changed": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC code a caller (the kubelet) should see for ``exc``."""
+    if isinstance(exc, SourceError):
+        return _SOURCE_CODES.get(exc.reason, grpc.StatusCode.UNAVAILABLE)
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
