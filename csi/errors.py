@@ -6,6 +6,7 @@ import grpc
 
 from weightcache.daemon.errors import (
     DigestMismatch,
+    FetchInProgress,
     InsufficientSpace,
     InvalidReference,
     ModelCorrupt,
@@ -25,6 +26,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidReference, grpc.StatusCode.INVALID_ARGUMENT),
     (InsufficientSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (FetchInProgress, grpc.StatusCode.UNAVAILABLE),
     (NotCached, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelCorrupt, grpc.StatusCode.FAILED_PRECONDITION),
     (UnsupportedManifest, grpc.StatusCode.FAILED_PRECONDITION),

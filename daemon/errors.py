@@ -50,3 +50,7 @@ class NotCached(WeightcacheError):
 
 class ModelCorrupt(WeightcacheError):
     """A model holds a file that failed a re-check."""
+
+
+class FetchInProgress(WeightcacheError):
+    """A model is being fetched; the message carries the progress. Ask again shortly."""

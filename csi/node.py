@@ -1,0 +1,160 @@
+"""The CSI Node service: publish a cached model read-only at a pod's target path, and back.
+
+Every handler has the same shape: validate each required field with its own INVALID_ARGUMENT
+message, take the lock of the target path (not a global one), act, record. Publish and
+unpublish are idempotent by target path. A publish never waits on a download for more than
+``publish_wait_s``: it starts (or joins) the fetch and answers UNAVAILABLE with the progress,
+and the kubelet's retry mounts the model once it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import defaultdict
+from concurrent.futures import Future
+from pathlib import Path
+
+from weightcache.csi.errors import InvalidArgument
+from weightcache.csi.interceptor import Context
+from weightcache.csi.mounter import Mounter, is_stale
+from weightcache.csi.volume import VolumeAttributes, parse_volume_attributes
+from weightcache.daemon.errors import FetchInProgress, ModelCorrupt, NotCached
+from weightcache.daemon.fetcher import Fetcher
+from weightcache.daemon.store.index import ModelRow
+from weightcache.daemon.store.store import CORRUPT, READY, Store
+from weightcache.proto import csi_pb2, csi_pb2_grpc
+
+MOUNT_PIN = "mount"
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    def __init__(
+        self,
+        node_id: str,
+        store: Store,
+        fetcher: Fetcher,
+        mounter: Mounter,
+        publish_wait_s: float = 2.0,
+    ) -> None:
+        self._node_id = node_id
+        self._store = store
+        self._fetcher = fetcher
+        self._mounter = mounter
+        self._wait = publish_wait_s
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: Context
+    ) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(node_id=self._node_id)
+
+    async def NodeGetCapabilities(
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: Context
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[])
+
+    # -- publish -------------------------------------------------------------------------------
+
+    async def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: Context
+    ) -> csi_pb2.NodePublishVolumeResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        target = _target(request.target_path)
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        if request.volume_capability.HasField("block"):
+            raise InvalidArgument("block access is not supported: models are mounted as files")
+        # The kubelet sends SINGLE_NODE_WRITER (and readonly=false) for inline volumes:
+        # every access mode is accepted, and the mount is read-only whatever is asked.
+        attrs = parse_volume_attributes(request.volume_context)
+        async with self._locks[str(target)]:
+            row = await self._ready_model(attrs)
+            await asyncio.to_thread(self._publish, row.digest, target)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    async def _ready_model(self, attrs: VolumeAttributes) -> ModelRow:
+        ref = str(attrs.model)
+        digest = self._store.resolve_cached(ref)
+        row = self._store.model(digest) if digest else None
+        if row is not None and row.state == READY:
+            return row
+        if row is not None and row.state == CORRUPT:
+            raise ModelCorrupt(
+                f"model {ref} ({row.digest}) failed a re-check: {row.error}; "
+                "it is refused until it is fetched again"
+            )
+        if attrs.fetch == "CachedOnly":
+            raise NotCached(f"model {ref} is not cached on this node and fetch is CachedOnly")
+        fut: Future[ModelRow] = self._fetcher.warm_async(attrs.model)
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), self._wait)
+        raise FetchInProgress(self._progress_message(ref, digest))
+
+    def _progress_message(self, ref: str, digest: str | None) -> str:
+        progress = self._fetcher.progress(digest) if digest else None
+        if progress is None:
+            return f"model {ref} is being fetched to this node; retry shortly"
+        pct = 100.0 * progress.done / progress.total if progress.total else 0.0
+        eta = f", ETA {progress.eta:.0f}s" if progress.eta is not None else ""
+        last = f", last error: {progress.last_error}" if progress.last_error else ""
+        return (
+            f"model {ref} is being fetched to this node: {progress.done} of "
+            f"{progress.total} bytes ({pct:.0f}%), {progress.rate / 1e6:.0f} MB/s{eta}{last}"
+        )
+
+    def _publish(self, digest: str, target: Path) -> None:
+        mounted = str(target) in self._mounter.mounts()
+        pins = {
+            m
+            for m, kind, holder in self._store.pins()
+            if kind == MOUNT_PIN and holder == str(target)
+        }
+        if mounted and pins == {digest}:
+            return  # already published: idempotent
+        if mounted:
+            raise InvalidArgument(f"{target} already holds another model ({sorted(pins)})")
+        created = not target.exists()
+        target.mkdir(parents=True, exist_ok=True)
+        self._store.pin(digest, MOUNT_PIN, str(target))
+        try:
+            self._mounter.bind_read_only(self._store.model_path(digest), target)
+        except BaseException:
+            self._store.unpin(digest, MOUNT_PIN, str(target))
+            if created:
+                with contextlib.suppress(OSError):
+                    target.rmdir()
+            raise
+        self._store.touch(digest)
+
+    # -- unpublish -----------------------------------------------------------------------------
+
+    async def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: Context
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        target = _target(request.target_path)
+        async with self._locks[str(target)]:
+            await asyncio.to_thread(self._unpublish, target)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    def _unpublish(self, target: Path) -> None:
+        if str(target) in self._mounter.mounts() or is_stale(target):
+            self._mounter.unmount(target)
+        with contextlib.suppress(FileNotFoundError):
+            if target.is_dir() and not os.listdir(target):
+                target.rmdir()
+        for model, kind, holder in self._store.pins():
+            if kind == MOUNT_PIN and holder == str(target):
+                self._store.unpin(model, kind, holder)
+
+
+def _target(raw: str) -> Path:
+    if not raw:
+        raise InvalidArgument("target_path is required")
+    if not raw.startswith("/") or "/../" in f"{raw}/":
+        raise InvalidArgument(f"target_path {raw!r} must be an absolute path without '..'")
+    return Path(raw)
