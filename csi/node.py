@@ -45,6 +45,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._wait = publish_wait_s
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
+    def reconcile(self) -> list[str]:
+        """On start: drop mount pins whose mount is gone (a reboot, a manual umount). Nothing is
+        re-mounted silently; the kubelet publishes again if the pod still needs it. Returns the
+        targets whose pins were dropped."""
+        mounted = self._mounter.mounts()
+        dropped = []
+        for model, kind, holder in self._store.pins():
+            if kind == MOUNT_PIN and holder not in mounted:
+                self._store.unpin(model, kind, holder)
+                dropped.append(holder)
+        return dropped
+
     async def NodeGetInfo(
         self, request: csi_pb2.NodeGetInfoRequest, context: Context
     ) -> csi_pb2.NodeGetInfoResponse:

@@ -10,6 +10,7 @@ import grpc
 
 from weightcache.csi.errors import InvalidArgument
 from weightcache.csi.interceptor import LoggingInterceptor
+from weightcache.proto import csi_pb2_grpc
 
 Registrar = Callable[[grpc.aio.Server], None]
 
@@ -36,3 +37,16 @@ async def start_server(endpoint: str, registrars: list[Registrar]) -> grpc.aio.S
     server.add_insecure_port(f"unix://{path}")
     await server.start()
     return server
+
+
+async def start_node_server(
+    endpoint: str, identity: csi_pb2_grpc.IdentityServicer, node: csi_pb2_grpc.NodeServicer
+) -> grpc.aio.Server:
+    """The node plugin's socket: Identity and Node."""
+    return await start_server(
+        endpoint,
+        [
+            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
+            lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
+        ],
+    )

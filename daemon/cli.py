@@ -70,6 +70,21 @@ def _gc(args: argparse.Namespace) -> int:
     return commands.gc(_config(args), args.target_bytes)
 
 
+def _node(args: argparse.Namespace) -> int:
+    import asyncio
+    import socket
+
+    from weightcache.daemon.node_agent import run_node
+
+    if not args.no_kube:
+        logging.getLogger(__name__).warning(
+            "the warm controller is not implemented yet: serving CSI only, as with --no-kube"
+        )
+    node_id = args.node_name or socket.gethostname()
+    asyncio.run(run_node(_config(args), args.csi_endpoint, node_id))
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from weightcache.daemon.demo import run_demo
 
@@ -124,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     kube = node.add_mutually_exclusive_group()
     kube.add_argument("--kubeconfig", default=None, metavar="PATH")
     kube.add_argument("--no-kube", action="store_true", help="run without the warm controller")
-    node.set_defaults(run=_not_yet("node"))
+    node.set_defaults(run=_node)
 
     controller = sub.add_parser("controller", help="run the metadata-only CSI Controller service")
     controller.add_argument("--csi-endpoint", default=DEFAULT_CSI_ENDPOINT)

@@ -1,0 +1,49 @@
+"""``weightcache node``: the node agent and the CSI Identity and Node services on one loop.
+
+Lifecycle: open the store (reconciles the disk with the index), reconcile mount pins with the
+kernel's mount table, serve on the CSI socket, report ready through Probe, and on SIGTERM or
+SIGINT stop accepting calls and shut down within a deadline. Mounts are never touched on
+shutdown: pods keep reading through their bind mounts while the agent restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from weightcache.csi.identity import IdentityService
+from weightcache.csi.mounter import SystemMounter
+from weightcache.csi.node import NodeService
+from weightcache.csi.server import start_node_server
+from weightcache.daemon.config import Config
+from weightcache.daemon.store.store import Store
+from weightcache.daemon.wiring import build_fetcher
+
+log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 10.0
+
+
+async def run_node(config: Config, endpoint: str, node_id: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready = False
+    store = await asyncio.to_thread(Store, config.store)
+    fetcher = build_fetcher(config, store)
+    node = NodeService(node_id, store, fetcher, SystemMounter())
+    identity = IdentityService(lambda: ready)
+    server = await start_node_server(endpoint, identity, node)
+    try:
+        dropped = await asyncio.to_thread(node.reconcile)
+        for target in dropped:
+            log.info("dropped the pin of %s: its mount is gone", target)
+        ready = True
+        log.info("node %s serving CSI on %s with store %s", node_id, endpoint, config.store.root)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await server.stop(grace=SHUTDOWN_GRACE_S)
+        await asyncio.to_thread(fetcher.close)
+        store.close()

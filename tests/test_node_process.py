@@ -1,0 +1,121 @@
+"""`weightcache node` as a real process: serves CSI on its socket, restarts without touching
+live mounts, and reconciles mount pins with the kernel's mount table on start."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+from helpers import run_cli
+
+from weightcache.csi.mounter import SystemMounter
+from weightcache.daemon.config import StoreConfig
+from weightcache.daemon.store.store import Store
+from weightcache.proto import csi_pb2, csi_pb2_grpc
+from weightcache.testing.models import sample_model, write_files
+
+CAP = csi_pb2.VolumeCapability(
+    mount=csi_pb2.VolumeCapability.MountVolume(),
+    access_mode=csi_pb2.VolumeCapability.AccessMode(
+        mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+    ),
+)
+
+
+def _start(store: Path, endpoint: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "weightcache.daemon",
+            "node",
+            "--no-kube",
+            "--node-name",
+            "n1",
+            "--store",
+            str(store),
+            "--csi-endpoint",
+            endpoint,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _until_serving(proc: subprocess.Popen[str]) -> str:
+    """Read the agent's log until it says it serves; return what it logged so far."""
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "serving CSI" in line:
+            return "".join(seen)
+    raise AssertionError(f"the node agent exited before serving:\n{''.join(seen)}")
+
+
+async def _identity(endpoint: str) -> tuple[csi_pb2.GetPluginInfoResponse, bool]:
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        identity = csi_pb2_grpc.IdentityStub(channel)
+        probe = await identity.Probe(csi_pb2.ProbeRequest())
+        return await identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest()), probe.ready.value
+
+
+async def _publish(endpoint: str, ref: str, target: Path) -> None:
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        await csi_pb2_grpc.NodeStub(channel).NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id="v",
+                target_path=str(target),
+                volume_capability=CAP,
+                volume_context={"model": ref},
+            )
+        )
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return err
+
+
+def test_node_restart_keeps_mounts_and_reconciles_pins(tmp_path: Path) -> None:
+    files = sample_model(80)
+    ref = f"file://{write_files(tmp_path / 'src', files)}"
+    store_dir = tmp_path / "store"
+    assert run_cli("warm", ref, "--store", str(store_dir)).returncode == 0
+    endpoint = f"unix://{tmp_path}/csi/csi.sock"
+    target = tmp_path / "pods" / "p" / "model"
+    mounter = SystemMounter()
+    proc = _start(store_dir, endpoint)
+    try:
+        _until_serving(proc)
+        info, ready = asyncio.run(_identity(endpoint))
+        assert info.name == "csi.weightcache.io" and ready
+        asyncio.run(_publish(endpoint, ref, target))
+        _stop(proc)
+        # The agent is down; the pod still reads its model.
+        assert (target / "config.json").read_bytes() == files["config.json"]
+        # A pin whose mount vanished while the agent was down (a reboot, a manual umount).
+        store = Store(StoreConfig(root=store_dir))
+        (digest,) = {m for m, _, _ in store.pins()}
+        store.pin(digest, "mount", str(tmp_path / "gone"))
+        store.close()
+        proc = _start(store_dir, endpoint)
+        logged = _until_serving(proc)
+        assert "dropped the pin of" in logged and "gone" in logged
+        assert asyncio.run(_identity(endpoint))[1]
+        assert str(target) in mounter.mounts()  # untouched by the restart
+        store = Store(StoreConfig(root=store_dir))
+        assert [(k, h) for _, k, h in store.pins()] == [("mount", str(target))]
+        store.close()
+        _stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        mounter.unmount(target)
