@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -142,3 +143,25 @@ def report(title: str, ours: Result, others: Sequence[Result], as_json: bool) ->
         import json
 
         print(json.dumps([r.__dict__ | {"mb_s": r.mb_s} for r in [ours, *others]]))
+
+
+def fetch_arguments(doc: str | None) -> argparse.Namespace:
+    """The command line shared by the fetch benchmarks."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--shard-mib", type=int, default=1024)
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="on the disk to measure (default: a temp dir under /var/tmp)",
+    )
+    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    return ap.parse_args()
+
+
+def emptied(path: Path) -> Path:
+    """``path`` as a new empty directory (what each contender writes into)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    return path

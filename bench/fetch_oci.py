@@ -16,7 +16,6 @@ Contenders, each after dropping the page cache, each writing to the same disk:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ from common import (
     MB,
     ROOT,
     Result,
+    emptied,
+    fetch_arguments,
     measure,
     peer_python,
     report,
@@ -68,17 +69,7 @@ def make_shards(src: Path, shards: int, shard_bytes: int) -> dict[str, Path]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--shard-mib", type=int, default=1024)
-    ap.add_argument(
-        "--workdir",
-        type=Path,
-        default=None,
-        help="on the disk to measure (default: a temp dir under /var/tmp)",
-    )
-    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    args = ap.parse_args()
+    args = fetch_arguments(__doc__)
     shard_bytes = args.shard_mib * 1024 * 1024
     total = shard_bytes * args.shards
     work = Path(tempfile.mkdtemp(prefix="wc-bench-oci-", dir=args.workdir or "/var/tmp"))
@@ -100,12 +91,7 @@ def main() -> int:
             out = work / "out"
             results: list[Result] = []
 
-            def fresh() -> Path:
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir()
-                return out
-
-            fresh()
+            emptied(out)
             ours = measure(
                 "weightcache warm (sha256+xxh3, fsync)",
                 [
@@ -123,11 +109,11 @@ def main() -> int:
                 ["curl", "-sS", "--fail", "-o", str(out / f"{i}"), u]
                 for i, u in enumerate(blob_urls)
             ]
-            fresh()
+            emptied(out)
             results.append(measure("curl -o + sync (4 parallel)", curls, total, then=["sync"]))
-            fresh()
+            emptied(out)
             results.append(measure("curl -o (4 parallel)", curls, total))
-            fresh()
+            emptied(out)
             results.append(
                 measure(
                     "dd conv=fsync (4 parallel, durable limit)",
@@ -145,7 +131,7 @@ def main() -> int:
                     total,
                 )
             )
-            fresh()
+            emptied(out)
             results.append(
                 measure(
                     "oras (Python) pull",
@@ -162,7 +148,7 @@ def main() -> int:
                     total,
                 )
             )
-            fresh()
+            emptied(out)
             results.append(
                 measure(
                     "kserve-storage Storage.download",
@@ -180,7 +166,7 @@ def main() -> int:
                     env={**os.environ, "KSERVE_OCI_INSECURE_REGISTRY": "true"},
                 )
             )
-            fresh()
+            emptied(out)
             results.append(
                 measure(
                     "weightcache warm",

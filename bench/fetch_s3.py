@@ -11,7 +11,6 @@ s5cmd cp, and boto3's download_file.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -26,6 +25,8 @@ from common import (
     MB,
     ROOT,
     Result,
+    emptied,
+    fetch_arguments,
     measure,
     peer_bin,
     peer_python,
@@ -91,12 +92,7 @@ def run_s3rver(data: Path) -> Iterator[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--shard-mib", type=int, default=1024)
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = fetch_arguments(__doc__)
     shard_bytes = args.shard_mib * 1024 * 1024
     total = shard_bytes * args.shards
     work = Path(tempfile.mkdtemp(prefix="wc-bench-s3-", dir=args.workdir or "/var/tmp"))
@@ -128,12 +124,7 @@ def main() -> int:
             ]
             out = work / "out"
 
-            def fresh() -> Path:
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir()
-                return out
-
-            fresh()
+            emptied(out)
             ours = measure(
                 "weightcache warm (sha256+xxh3, fsync)",
                 [
@@ -152,13 +143,13 @@ def main() -> int:
                 ["curl", "-sS", "--fail", "-o", str(out / f"{i}"), u] for i, u in enumerate(urls)
             ]
             results: list[Result] = []
-            fresh()
+            emptied(out)
             results.append(
                 measure("curl -o presigned + sync (4 parallel)", curls, total, then=["sync"])
             )
-            fresh()
+            emptied(out)
             results.append(measure("curl -o presigned (4 parallel)", curls, total))
-            fresh()
+            emptied(out)
             results.append(
                 measure(
                     "s5cmd cp",
@@ -176,7 +167,7 @@ def main() -> int:
                     env=env,
                 )
             )
-            fresh()
+            emptied(out)
             results.append(
                 measure(
                     "boto3 download_file",
