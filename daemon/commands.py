@@ -76,12 +76,15 @@ def _model_json(row: ModelRow, store: Store) -> dict[str, Any]:
     out = asdict(row)
     out["path"] = str(store.model_path(row.digest))
     out["pins"] = [{"kind": k, "holder": h} for _, k, h in store.pins(row.digest)]
-    out["eta_s"] = (
-        (row.bytes_total - row.bytes_done) / row.rate
-        if row.state == FETCHING and row.rate > 0
-        else None
-    )
+    out["eta_s"] = _eta(row)
     return out
+
+
+def _eta(row: ModelRow) -> float | None:
+    """Seconds left of a fetch in progress, from its recorded rate; None when unknown."""
+    if row.state != FETCHING or row.rate <= 0:
+        return None
+    return (row.bytes_total - row.bytes_done) / row.rate
 
 
 def warm(config: Config, refs: list[str], json_out: bool) -> int:
@@ -159,7 +162,7 @@ def ls(config: Config, json_out: bool) -> int:
             pins = len(store.pins(r.digest))
             if r.state == FETCHING:
                 pct = 100.0 * r.bytes_done / r.bytes_total if r.bytes_total else 0.0
-                eta = (r.bytes_total - r.bytes_done) / r.rate if r.rate > 0 else None
+                eta = _eta(r)
                 detail = (
                     f"{human_bytes(r.bytes_done)}/{human_bytes(r.bytes_total)} {pct:.0f}% "
                     f"{human_bytes(r.rate)}/s ETA {f'{eta:.0f}s' if eta else '?'}"

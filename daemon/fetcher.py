@@ -199,16 +199,20 @@ class Fetcher:
     def _warm(self, ref: ModelRef) -> ModelRow:
         plan = self.resolve(ref)
         self.store.remember(str(ref), plan.digest)
-        row = self.store.model(plan.digest)
-        if row is not None and row.state == READY:
-            self.store.touch(plan.digest)
+        row = self._held(plan.digest)
+        if row is not None:
             return row
         with self.store.fetch_lock(plan.digest):
-            row = self.store.model(plan.digest)
-            if row is not None and row.state == READY:  # another process finished it
-                self.store.touch(plan.digest)
-                return row
-            return self._fetch(plan)
+            # Checked again under the lock: another process may have finished it meanwhile.
+            return self._held(plan.digest) or self._fetch(plan)
+
+    def _held(self, digest: str) -> ModelRow | None:
+        """The model's record if it is ready (marking it used), else None."""
+        row = self.store.model(digest)
+        if row is None or row.state != READY:
+            return None
+        self.store.touch(digest)
+        return row
 
     def _fetch(self, plan: ModelPlan) -> ModelRow:
         store = self.store

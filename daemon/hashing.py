@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 import xxhash
 
@@ -92,3 +94,19 @@ class StreamHasher:
 
 def chunk_xxh3(data: bytes | bytearray | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(data)
+
+
+def sha256_stream(reader: IO[bytes], block: int = 8 * 1024 * 1024) -> tuple[str, int]:
+    """``sha256:<hex>`` and length of everything ``reader`` yields."""
+    h = hashlib.sha256()
+    size = 0
+    while chunk := reader.read(block):
+        h.update(chunk)
+        size += len(chunk)
+    return "sha256:" + h.hexdigest(), size
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """``sha256:<hex>`` and size of a file's content."""
+    with path.open("rb") as f:
+        return sha256_stream(f)

@@ -13,7 +13,6 @@ build hostile layers (traversal, links, devices) for the bad-input tests.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import random
@@ -27,6 +26,8 @@ from typing import Any, Literal
 
 import zstandard
 
+from weightcache.daemon.hashing import sha256_stream
+from weightcache.daemon.store.tarsafe import open_decompressed
 from weightcache.testing.oci_push import OCI_INDEX, OCI_MANIFEST, Descriptor, RegistryPusher
 
 ModelFiles = Mapping[str, bytes | Path]
@@ -111,20 +112,8 @@ def _write_tar_stream(out: Any, members: Iterable[TarMember]) -> None:
 
 
 def _sha256_of(path: Path, decompress: Compression = "none") -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        reader: Any = f
-        if decompress == "gzip":
-            reader = gzip.GzipFile(fileobj=f, mode="rb")
-        elif decompress == "zstd":
-            reader = zstandard.ZstdDecompressor().stream_reader(f)
-        while chunk := reader.read(_COPY_CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def _size(content: bytes | Path) -> int:
-    return content.stat().st_size if isinstance(content, Path) else len(content)
+        return sha256_stream(open_decompressed(f, decompress))[0]
 
 
 @dataclass

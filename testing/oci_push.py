@@ -16,6 +16,8 @@ from urllib.parse import urljoin
 
 import urllib3
 
+from weightcache.daemon.hashing import sha256_file
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST_ACCEPT = ", ".join(
@@ -57,16 +59,6 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _file_digest(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK * 8):
-            h.update(chunk)
-            size += len(chunk)
-    return "sha256:" + h.hexdigest(), size
-
-
 class RegistryPusher:
     """Pushes blobs and manifests into one registry over plain HTTP or HTTPS."""
 
@@ -95,7 +87,7 @@ class RegistryPusher:
     ) -> Descriptor:
         """Upload ``content`` (bytes or a file, streamed) unless already present."""
         if isinstance(content, Path):
-            digest, size = _file_digest(content)
+            digest, size = sha256_file(content)
         else:
             digest, size = sha256_digest(content), len(content)
         if not self.blob_exists(repo, digest):

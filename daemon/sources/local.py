@@ -8,16 +8,14 @@ changed file is a different model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
 
 from weightcache.daemon.errors import SourceError, UnsafeContent
+from weightcache.daemon.hashing import sha256_file
 from weightcache.daemon.plan import ModelPlan, RemoteFile, listing_digest, safe_relpath
 from weightcache.daemon.references import FileRef, ModelRef
-
-_READ = 8 * 1024 * 1024
 
 
 class LocalSource:
@@ -42,7 +40,7 @@ class LocalSource:
                 full = Path(dirpath) / name
                 rel = safe_relpath(str(full.relative_to(root)), what=str(ref))
                 target = self._regular_target(ref, real_root, full, rel)
-                sha, size = _sha256_file(target)
+                sha, size = sha256_file(target)
                 items.append(RemoteFile(path=rel, size=size, locator=str(target), sha256=sha))
                 listing.append((rel, size, sha))
         if not items:
@@ -83,13 +81,3 @@ class LocalSource:
                 f"{ref}: {locator} shrank (wanted {len(buf)} bytes at {start}, got {got})",
                 reason="truncated",
             )
-
-
-def _sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(_READ):
-            h.update(chunk)
-            size += len(chunk)
-    return "sha256:" + h.hexdigest(), size

@@ -203,14 +203,6 @@ class Index:
         rows = self.query("SELECT * FROM blobs WHERE sha256 = ?", (sha256,))
         return BlobRow(*rows[0]) if rows else None  # type: ignore[arg-type]
 
-    def blobs_of(self, digest: str) -> list[BlobRow]:
-        rows = self.query(
-            "SELECT DISTINCT b.* FROM blobs b JOIN model_files f ON f.sha256 = b.sha256"
-            " WHERE f.model = ?",
-            (digest,),
-        )
-        return [BlobRow(*r) for r in rows]  # type: ignore[arg-type]
-
     # -- pins and refs -------------------------------------------------------------------------
 
     def pins(self, digest: str | None = None) -> list[tuple[str, str, str]]:

@@ -372,15 +372,6 @@ class Store:
             return False
         return not self.fetch_lock(row.digest).held_elsewhere()
 
-    def evict(self, digest: str) -> bool:
-        """Remove a model unless it is pinned or being fetched; True if it was removed."""
-        with self.locked():
-            row = self.index.model(digest)
-            if row is None or not self._evictable(row):
-                return False
-            self._evict(digest)
-            return True
-
     def _evict(self, digest: str) -> None:
         log.info("evicting model %s", digest)
         with self.index.tx() as c:
