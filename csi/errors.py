@@ -11,6 +11,7 @@ from weightcache.daemon.errors import (
     InvalidReference,
     ModelCorrupt,
     NotCached,
+    PolicyDenied,
     SourceError,
     UnsafeContent,
     UnsupportedManifest,
@@ -22,9 +23,26 @@ class InvalidArgument(WeightcacheError, ValueError):
     """A request field is missing or malformed; the message names the field."""
 
 
+class AlreadyExists(WeightcacheError):
+    """CreateVolume: the name is taken by a volume with other parameters."""
+
+
+class NotFound(WeightcacheError):
+    """A volume id this driver never issued."""
+
+
+class OutOfRange(WeightcacheError):
+    """CreateVolume: the capacity range cannot hold the model."""
+
+
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidReference, grpc.StatusCode.INVALID_ARGUMENT),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    (PolicyDenied, grpc.StatusCode.PERMISSION_DENIED),
     (InsufficientSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FetchInProgress, grpc.StatusCode.UNAVAILABLE),
     (NotCached, grpc.StatusCode.FAILED_PRECONDITION),

@@ -50,3 +50,18 @@ async def start_node_server(
             lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
         ],
     )
+
+
+async def start_controller_server(
+    endpoint: str,
+    identity: csi_pb2_grpc.IdentityServicer,
+    controller: csi_pb2_grpc.ControllerServicer,
+) -> grpc.aio.Server:
+    """The controller plugin's socket: Identity and Controller."""
+    return await start_server(
+        endpoint,
+        [
+            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
+            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
+        ],
+    )

@@ -29,14 +29,6 @@ EXIT_USAGE = 2
 Command = Callable[[argparse.Namespace], int]
 
 
-def _not_yet(name: str) -> Command:
-    def run(_: argparse.Namespace) -> int:
-        print(f"weightcache {name}: not yet implemented", file=sys.stderr)
-        return EXIT_USAGE
-
-    return run
-
-
 def _config(args: argparse.Namespace) -> Config:
     from pathlib import Path
 
@@ -82,6 +74,18 @@ def _node(args: argparse.Namespace) -> int:
         )
     node_id = args.node_name or socket.gethostname()
     asyncio.run(run_node(_config(args), args.csi_endpoint, node_id))
+    return EXIT_OK
+
+
+def _controller(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from weightcache.daemon.config import load_config
+    from weightcache.daemon.controller_agent import run_controller
+
+    config = load_config(Path(args.config) if args.config else None)
+    asyncio.run(run_controller(config, args.csi_endpoint))
     return EXIT_OK
 
 
@@ -143,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     controller = sub.add_parser("controller", help="run the metadata-only CSI Controller service")
     controller.add_argument("--csi-endpoint", default=DEFAULT_CSI_ENDPOINT)
-    controller.set_defaults(run=_not_yet("controller"))
+    controller.add_argument(
+        "--config", default=None, metavar="FILE", help="TOML configuration (registry access)"
+    )
+    controller.set_defaults(run=_controller)
 
     demo = sub.add_parser("demo", help="the whole flow on this machine")
     demo.set_defaults(run=_demo)

@@ -54,3 +54,7 @@ class ModelCorrupt(WeightcacheError):
 
 class FetchInProgress(WeightcacheError):
     """A model is being fetched; the message carries the progress. Ask again shortly."""
+
+
+class PolicyDenied(WeightcacheError):
+    """The node's policy does not let this pod mount this model (namespace or credentials)."""
