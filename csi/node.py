@@ -2,9 +2,16 @@
 
 Every handler has the same shape: validate each required field with its own INVALID_ARGUMENT
 message, take the lock of the target path (not a global one), act, record. Publish and
-unpublish are idempotent by target path. A publish never waits on a download for more than
-``publish_wait_s``: it starts (or joins) the fetch and answers UNAVAILABLE with the progress,
-and the kubelet's retry mounts the model once it is ready.
+unpublish are idempotent by target path.
+
+Publish order matters: parse, authorize (namespace, then the pod's pull secret), and only then
+look up, fetch or mount; a pod the policy refuses never causes a download. Before binding, the
+model's files are checked (``verify: fast`` metadata, ``full`` content, remembered until a file
+changes); a failed check quarantines the file, refuses the mount and starts the repair.
+
+A publish never waits on a download for more than ``publish_wait_s``: it starts (or joins) the
+fetch and answers UNAVAILABLE with the progress, and the kubelet's retry mounts the model once
+it is ready.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from weightcache.csi.mounter import Mounter, is_stale
 from weightcache.csi.volume import VolumeAttributes, parse_volume_attributes
 from weightcache.daemon.errors import FetchInProgress, ModelCorrupt, NotCached
 from weightcache.daemon.fetcher import Fetcher
+from weightcache.daemon.policy import Policy
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.store import CORRUPT, READY, Store
+from weightcache.daemon.store.verify import check_model
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
 MOUNT_PIN = "mount"
@@ -36,12 +45,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         store: Store,
         fetcher: Fetcher,
         mounter: Mounter,
+        policy: Policy,
         publish_wait_s: float = 2.0,
     ) -> None:
         self._node_id = node_id
         self._store = store
         self._fetcher = fetcher
         self._mounter = mounter
+        self._policy = policy
         self._wait = publish_wait_s
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -82,9 +93,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         # The kubelet sends SINGLE_NODE_WRITER (and readonly=false) for inline volumes:
         # every access mode is accepted, and the mount is read-only whatever is asked.
         attrs = parse_volume_attributes(request.volume_context)
+        secrets = dict(request.secrets)
         async with self._locks[str(target)]:
+            cached = self._store.resolve_cached(str(attrs.model))
+            await asyncio.to_thread(
+                self._policy.authorize, attrs.model, attrs.pod_namespace, secrets, cached
+            )
             row = await self._ready_model(attrs)
-            await asyncio.to_thread(self._publish, row.digest, target)
+            await asyncio.to_thread(self._publish, row.digest, target, attrs)
         return csi_pb2.NodePublishVolumeResponse()
 
     async def _ready_model(self, attrs: VolumeAttributes) -> ModelRow:
@@ -94,9 +110,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if row is not None and row.state == READY:
             return row
         if row is not None and row.state == CORRUPT:
+            self._repair(attrs)
             raise ModelCorrupt(
                 f"model {ref} ({row.digest}) failed a re-check: {row.error}; "
-                "it is refused until it is fetched again"
+                "it is refused until it is repaired"
             )
         if attrs.fetch == "CachedOnly":
             raise NotCached(f"model {ref} is not cached on this node and fetch is CachedOnly")
@@ -117,7 +134,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             f"{progress.total} bytes ({pct:.0f}%), {progress.rate / 1e6:.0f} MB/s{eta}{last}"
         )
 
-    def _publish(self, digest: str, target: Path) -> None:
+    def _repair(self, attrs: VolumeAttributes) -> None:
+        """Start (or join) the re-fetch that heals a corrupt model, unless the volume forbids
+        fetching on demand."""
+        if attrs.fetch == "IfNotCached":
+            self._fetcher.warm_async(attrs.model)
+
+    def _publish(self, digest: str, target: Path, attrs: VolumeAttributes) -> None:
         mounted = str(target) in self._mounter.mounts()
         pins = {
             m
@@ -128,6 +151,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             return  # already published: idempotent
         if mounted:
             raise InvalidArgument(f"{target} already holds another model ({sorted(pins)})")
+        check = check_model(self._store, digest, full=attrs.verify == "full", remembered=True)
+        if check.problems:
+            self._repair(attrs)
+            first = check.problems[0]
+            raise ModelCorrupt(
+                f"model {attrs.model} ({digest}) failed its {attrs.verify} check before "
+                f"mounting: {first.path}: {first.reason}"
+                + (f" (and {len(check.problems) - 1} more)" if len(check.problems) > 1 else "")
+                + "; the file is quarantined and the model is being repaired"
+            )
         created = not target.exists()
         target.mkdir(parents=True, exist_ok=True)
         self._store.pin(digest, MOUNT_PIN, str(target))

@@ -72,10 +72,35 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class PolicyRule:
+    """Which pod namespaces may mount the models a rule matches."""
+
+    models: tuple[str, ...] = ()
+    """fnmatch patterns over the normalised reference (``*`` also matches ``/``)."""
+    namespaces: tuple[str, ...] = ()
+    """fnmatch patterns over the pod's namespace."""
+    require_pull_secret: bool = False
+    """The volume must carry a nodePublishSecretRef that the registry accepts for the model."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Tenant policy of the node cache, checked at every publish. The first matching rule
+    decides; ``default`` applies when none matches."""
+
+    default: str = "allow"
+    """``allow`` or ``deny`` for models no rule matches."""
+    credential_cache_s: float = 60.0
+    """How long a pull-secret check against the registry is remembered."""
+    rules: tuple[PolicyRule, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
@@ -129,7 +154,7 @@ def _coerce(default: Any, value: Any) -> Any:
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Build a validated :class:`Config` from a parsed TOML document."""
-    unknown = set(data) - {"store", "fetch", "registry"}
+    unknown = set(data) - {"store", "fetch", "registry", "policy"}
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}")
     store = _build(StoreConfig, data.get("store", {}), "store")
@@ -152,9 +177,34 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     registry = RegistryConfig(
         insecure=registry.insecure, mirrors=mirrors, docker_config=registry.docker_config
     )
-    config = Config(store=store, fetch=fetch, registry=registry)
+    config = Config(
+        store=store, fetch=fetch, registry=registry, policy=_policy(data.get("policy", {}))
+    )
     validate(config)
     return config
+
+
+def _policy(data: Mapping[str, Any]) -> PolicyConfig:
+    raw = dict(data)
+    rules_raw = raw.pop("rules", [])
+    base = _build(PolicyConfig, raw, "policy")
+    if not isinstance(rules_raw, list):
+        raise ConfigError("[policy] rules: expected [[policy.rules]] tables")
+    rules = []
+    for i, entry in enumerate(rules_raw):
+        where = f"policy.rules[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"[{where}]: expected a table")
+        rule = _build(PolicyRule, entry, where)
+        if not rule.models or not rule.namespaces:
+            raise ConfigError(f"[{where}]: models and namespaces must each list a pattern")
+        for value in (*rule.models, *rule.namespaces):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"[{where}]: patterns must be non-empty strings")
+        rules.append(rule)
+    return PolicyConfig(
+        default=base.default, credential_cache_s=base.credential_cache_s, rules=tuple(rules)
+    )
 
 
 def validate(config: Config) -> None:
@@ -171,6 +221,11 @@ def validate(config: Config) -> None:
         raise ConfigError("[fetch] bandwidth must not be negative; timeout must be positive")
     if any(d < 0 for d in f.retry_delays):
         raise ConfigError("[fetch] retry_delays must not be negative")
+    p = config.policy
+    if p.default not in ("allow", "deny"):
+        raise ConfigError(f"[policy] default must be allow or deny, not {p.default!r}")
+    if p.credential_cache_s < 0:
+        raise ConfigError("[policy] credential_cache_s must not be negative")
 
 
 def load_config(path: Path | None, **store_overrides: Any) -> Config:
@@ -187,6 +242,8 @@ def load_config(path: Path | None, **store_overrides: Any) -> Config:
     overrides = {k: v for k, v in store_overrides.items() if v is not None}
     if overrides:
         store = StoreConfig(**{**config.store.__dict__, **overrides})
-        config = Config(store=store, fetch=config.fetch, registry=config.registry)
+        config = Config(
+            store=store, fetch=config.fetch, registry=config.registry, policy=config.policy
+        )
         validate(config)
     return config

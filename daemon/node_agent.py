@@ -18,7 +18,7 @@ from weightcache.csi.node import NodeService
 from weightcache.csi.server import start_node_server
 from weightcache.daemon.config import Config
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher
+from weightcache.daemon.wiring import build_fetcher, build_policy
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 10.0
@@ -32,7 +32,7 @@ async def run_node(config: Config, endpoint: str, node_id: str) -> None:
     ready = False
     store = await asyncio.to_thread(Store, config.store)
     fetcher = build_fetcher(config, store)
-    node = NodeService(node_id, store, fetcher, SystemMounter())
+    node = NodeService(node_id, store, fetcher, SystemMounter(), build_policy(config))
     identity = IdentityService(lambda: ready)
     server = await start_node_server(endpoint, identity, node)
     try:

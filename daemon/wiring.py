@@ -7,9 +7,11 @@ from typing import Any
 
 from weightcache.daemon.config import Config
 from weightcache.daemon.fetcher import Fetcher, ProgressCallback
+from weightcache.daemon.policy import Policy
 from weightcache.daemon.sources import Sources
 from weightcache.daemon.sources.local import LocalSource
 from weightcache.daemon.sources.oci import OciSource
+from weightcache.daemon.sources.oci_access import RegistryAccess
 from weightcache.daemon.sources.oci_http import RegistryHTTP, load_docker_config
 from weightcache.daemon.sources.s3 import S3Source
 from weightcache.daemon.store.store import Store
@@ -56,3 +58,7 @@ def build_fetcher(
         stop=stop,
         on_progress=on_progress,
     )
+
+
+def build_policy(config: Config) -> Policy:
+    return Policy(config.policy, RegistryAccess(config.registry, config.fetch.timeout_s))

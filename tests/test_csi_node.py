@@ -17,7 +17,7 @@ from weightcache.csi.node import NodeService
 from weightcache.csi.server import start_server
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher
+from weightcache.daemon.wiring import build_fetcher, build_policy
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 from weightcache.testing.models import sample_model, write_files
 
@@ -34,7 +34,9 @@ def run_node(tmp_path: Path, mounter: Mounter, call: Call, *, wait_s: float = 2.
     config = make_config(tmp_path / "store")
     store = Store(config.store)
     fetcher = build_fetcher(config, store)
-    node = NodeService("node-1", store, fetcher, mounter, publish_wait_s=wait_s)
+    node = NodeService(
+        "node-1", store, fetcher, mounter, build_policy(config), publish_wait_s=wait_s
+    )
     endpoint = f"unix://{tmp_path}/csi.sock"
 
     async def main() -> Any:

@@ -72,11 +72,25 @@ def load_docker_config(path: Path | None) -> dict[str, Credentials]:
     if path is None:
         return {}
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        text = path.read_text()
+    except OSError as exc:
         raise SourceError(f"cannot read docker config {path}: {exc}", reason="auth") from exc
+    return parse_docker_config(text, str(path))
+
+
+def parse_docker_config(text: str, where: str) -> dict[str, Credentials]:
+    """Registry host -> credentials from the text of a docker config (``.dockerconfigjson``)."""
+    try:
+        doc = json.loads(text)
+        auths = doc.get("auths") or {}
+        if not isinstance(auths, dict):
+            raise ValueError("auths is not an object")
+    except (ValueError, AttributeError) as exc:
+        raise SourceError(f"docker config {where} is not valid: {exc}", reason="auth") from exc
     out: dict[str, Credentials] = {}
-    for key, entry in (doc.get("auths") or {}).items():
+    for key, entry in auths.items():
+        if not isinstance(entry, dict):
+            continue
         host = re.sub(r"^https?://", "", key).split("/", 1)[0]
         if host in ("index.docker.io", "registry-1.docker.io"):
             host = "docker.io"
@@ -86,7 +100,7 @@ def load_docker_config(path: Path | None) -> dict[str, Credentials]:
                 user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
             except ValueError as exc:
                 raise SourceError(
-                    f"docker config {path}: malformed auth for {host}", reason="auth"
+                    f"docker config {where}: malformed auth for {host}", reason="auth"
                 ) from exc
         elif entry.get("identitytoken"):
             user, password = "<token>", entry["identitytoken"]

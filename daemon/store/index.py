@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS verifications (
     ok      INTEGER NOT NULL,
     detail  TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS verifications_by_blob ON verifications(sha256, mode, ok);
 """
 
 
@@ -202,6 +203,25 @@ class Index:
     def blob(self, sha256: str) -> BlobRow | None:
         rows = self.query("SELECT * FROM blobs WHERE sha256 = ?", (sha256,))
         return BlobRow(*rows[0]) if rows else None  # type: ignore[arg-type]
+
+    def model_blobs(self, digest: str) -> list[tuple[str, BlobRow | None]]:
+        """(path, blob record or None when missing) of every file of a model, in one query."""
+        rows = self.query(
+            "SELECT f.path, b.* FROM model_files f LEFT JOIN blobs b ON b.sha256 = f.sha256"
+            " WHERE f.model = ? ORDER BY f.path",
+            (digest,),
+        )
+        return [(str(r[0]), BlobRow(*r[1:]) if r[1] is not None else None) for r in rows]  # type: ignore[arg-type]
+
+    def fully_verified(self, sha256: str) -> bool:
+        """Whether a full re-hash of this blob ever passed (it stays valid while the file's
+        inode, size and mtime are unchanged: blobs are never rewritten in place)."""
+        return bool(
+            self.scalar(
+                "SELECT 1 FROM verifications WHERE sha256 = ? AND mode = 'full' AND ok = 1 LIMIT 1",
+                (sha256,),
+            )
+        )
 
     # -- pins and refs -------------------------------------------------------------------------
 
