@@ -23,7 +23,7 @@ from collections import defaultdict
 from concurrent.futures import Future
 from pathlib import Path
 
-from weightcache.csi.errors import InvalidArgument
+from weightcache.csi.errors import AlreadyExists, InvalidArgument
 from weightcache.csi.interceptor import Context
 from weightcache.csi.mounter import Mounter, is_stale
 from weightcache.csi.volume import VolumeAttributes, parse_volume_attributes
@@ -150,7 +150,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if mounted and pins == {digest}:
             return  # already published: idempotent
         if mounted:
-            raise InvalidArgument(f"{target} already holds another model ({sorted(pins)})")
+            raise AlreadyExists(f"{target} already holds another volume ({sorted(pins)})")
         check = check_model(self._store, digest, full=attrs.verify == "full", remembered=True)
         if check.problems:
             self._repair(attrs)

@@ -9,7 +9,13 @@ import sys
 import threading
 from pathlib import Path
 
-from weightcache.daemon.config import Config, FetchConfig, RegistryConfig, StoreConfig
+from weightcache.daemon.config import (
+    Config,
+    FetchConfig,
+    PolicyConfig,
+    RegistryConfig,
+    StoreConfig,
+)
 
 PART = 1024 * 1024
 """Tests use 1 MiB parts and fingerprint chunks so multi-chunk files stay small."""
@@ -20,6 +26,7 @@ def make_config(
     *,
     store: dict[str, object] | None = None,
     registry: RegistryConfig | None = None,
+    policy: PolicyConfig | None = None,
     **fetch: object,
 ) -> Config:
     """A test configuration: 1 MiB parts, no retry delays, the given overrides."""
@@ -29,6 +36,7 @@ def make_config(
         store=StoreConfig(root=root, **(store or {})),  # type: ignore[arg-type]
         fetch=FetchConfig(**settings),  # type: ignore[arg-type]
         registry=registry or RegistryConfig(),
+        policy=policy or PolicyConfig(),
     )
 
 

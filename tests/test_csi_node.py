@@ -10,67 +10,26 @@ from typing import Any
 
 import grpc
 import pytest
+from csi_harness import publish, serving_node, unpublish
 from helpers import make_config
 
 from weightcache.csi.mounter import FakeMounter, Mounter, SystemMounter
 from weightcache.csi.node import NodeService
-from weightcache.csi.server import start_server
 from weightcache.daemon.references import parse_reference
-from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher, build_policy
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 from weightcache.testing.models import sample_model, write_files
 
-MOUNT_CAP = csi_pb2.VolumeCapability(
-    mount=csi_pb2.VolumeCapability.MountVolume(),
-    access_mode=csi_pb2.VolumeCapability.AccessMode(
-        mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-    ),
-)
 Call = Callable[[csi_pb2_grpc.NodeStub, NodeService], Awaitable[Any]]
 
 
 def run_node(tmp_path: Path, mounter: Mounter, call: Call, *, wait_s: float = 2.0) -> Any:
-    config = make_config(tmp_path / "store")
-    store = Store(config.store)
-    fetcher = build_fetcher(config, store)
-    node = NodeService(
-        "node-1", store, fetcher, mounter, build_policy(config), publish_wait_s=wait_s
-    )
-    endpoint = f"unix://{tmp_path}/csi.sock"
-
     async def main() -> Any:
-        server = await start_server(
-            endpoint, [lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s)]
-        )
-        try:
-            async with grpc.aio.insecure_channel(endpoint) as channel:
-                return await call(csi_pb2_grpc.NodeStub(channel), node)
-        finally:
-            await server.stop(grace=None)
+        async with serving_node(
+            tmp_path, make_config(tmp_path / "store"), mounter=mounter, wait_s=wait_s
+        ) as h:
+            return await call(h.stub, h.node)
 
-    try:
-        return asyncio.run(main())
-    finally:
-        for target in list(mounter.mounts()):
-            if target.startswith(str(tmp_path)):
-                mounter.unmount(Path(target))
-        fetcher.close()
-        store.close()
-
-
-def publish(ref: str, target: Path, **context: str) -> csi_pb2.NodePublishVolumeRequest:
-    return csi_pb2.NodePublishVolumeRequest(
-        volume_id="vol-1",
-        target_path=str(target),
-        volume_capability=MOUNT_CAP,
-        readonly=False,
-        volume_context={"model": ref, **context},
-    )
-
-
-def unpublish(target: Path) -> csi_pb2.NodeUnpublishVolumeRequest:
-    return csi_pb2.NodeUnpublishVolumeRequest(volume_id="vol-1", target_path=str(target))
+    return asyncio.run(main())
 
 
 @pytest.fixture

@@ -27,20 +27,14 @@ CAP = csi_pb2.VolumeCapability(
 
 
 def _start(store: Path, endpoint: str) -> subprocess.Popen[str]:
+    return _spawn(
+        "node", "--no-kube", "--node-name", "n1", "--store", str(store), "--csi-endpoint", endpoint
+    )
+
+
+def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "weightcache.daemon",
-            "node",
-            "--no-kube",
-            "--node-name",
-            "n1",
-            "--store",
-            str(store),
-            "--csi-endpoint",
-            endpoint,
-        ],
+        [sys.executable, "-m", "weightcache.daemon", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -55,7 +49,7 @@ def _until_serving(proc: subprocess.Popen[str]) -> str:
         seen.append(line)
         if "serving CSI" in line:
             return "".join(seen)
-    raise AssertionError(f"the node agent exited before serving:\n{''.join(seen)}")
+    raise AssertionError(f"the plugin exited before serving:\n{''.join(seen)}")
 
 
 async def _identity(endpoint: str) -> tuple[csi_pb2.GetPluginInfoResponse, bool]:
@@ -119,3 +113,33 @@ def test_node_restart_keeps_mounts_and_reconciles_pins(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         mounter.unmount(target)
+
+
+def test_controller_process_serves_identity_and_controller(tmp_path: Path) -> None:
+    files = sample_model(81)
+    ref = f"file://{write_files(tmp_path / 'src', files)}"
+    endpoint = f"unix://{tmp_path}/ctrl/csi.sock"
+    proc = _spawn("controller", "--csi-endpoint", endpoint)
+
+    async def calls() -> tuple[str, int, str]:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            info = await csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(
+                csi_pb2.GetPluginInfoRequest()
+            )
+            created = await csi_pb2_grpc.ControllerStub(channel).CreateVolume(
+                csi_pb2.CreateVolumeRequest(
+                    name="pvc-1", volume_capabilities=[CAP], parameters={"model": ref}
+                )
+            )
+            return info.name, created.volume.capacity_bytes, created.volume.volume_id
+
+    try:
+        _until_serving(proc)
+        name, capacity, volume_id = asyncio.run(calls())
+        assert name == "csi.weightcache.io"
+        assert capacity == sum(map(len, files.values()))  # resolved through the real source
+        assert volume_id.startswith("wc-")
+        assert "CreateVolume" in _stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
