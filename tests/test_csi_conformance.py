@@ -414,3 +414,17 @@ def test_publish_refuses_block_and_checks_fields_before_any_lookup(tmp_path: Pat
     code, msg, models = asyncio.run(main())
     assert code == Code.INVALID_ARGUMENT and "block access" in msg
     assert models == 0 and not (tmp_path / "t").exists()
+
+
+def test_a_model_that_cannot_fit_is_resource_exhausted(tmp_path: Path) -> None:
+    ref = f"file://{write_files(tmp_path / 'src', sample_model(72))}"  # ~768 KiB
+    config = make_config(tmp_path / "store", store={"budget_bytes": 64 * 1024})
+
+    async def main() -> tuple[Code, str]:
+        async with serving_node(tmp_path, config) as n:
+            return await _code(n.stub.NodePublishVolume(publish(ref, tmp_path / "t")))
+
+    code, msg = asyncio.run(main())
+    assert code == Code.RESOURCE_EXHAUSTED, msg
+    assert "does not fit" in msg and "65536" in msg
+    assert not (tmp_path / "t").exists()
