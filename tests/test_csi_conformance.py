@@ -426,5 +426,5 @@ def test_a_model_that_cannot_fit_is_resource_exhausted(tmp_path: Path) -> None:
 
     code, msg = asyncio.run(main())
     assert code == Code.RESOURCE_EXHAUSTED, msg
-    assert "does not fit" in msg and "65536" in msg
+    assert "needs" in msg and "store budget 65536 bytes" in msg
     assert not (tmp_path / "t").exists()
