@@ -172,7 +172,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 with contextlib.suppress(OSError):
                     target.rmdir()
             raise
-        self._store.touch(digest)
 
     # -- unpublish -----------------------------------------------------------------------------
 

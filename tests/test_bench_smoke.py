@@ -56,3 +56,34 @@ def test_store_scale_smoke() -> None:
     assert isinstance(doc, dict)
     assert doc["files"] == 400 and doc["blobs"] == 300
     assert "weightcache ls --json" in table
+
+
+@pytest.mark.bench
+def test_publish_latency_smoke(tmp_path: Path) -> None:
+    rows, table = _bench(
+        "publish_latency.py",
+        *("--small-gib", "0.01", "--large-gib", "0.05"),
+        *("--small-files", "2", "--large-files", "8", "--calls", "20"),
+        *("--workdir", str(tmp_path)),
+    )
+    assert isinstance(rows, list)
+    by_name = {r["name"]: r for r in rows}
+    calls = [r for r in rows if r["name"].startswith(("NodePublishVolume", "NodeUnpublishVolume"))]
+    assert [r["name"].split(",")[0] for r in calls] == [
+        "NodePublishVolume",
+        "NodeUnpublishVolume",
+        "NodePublishVolume",
+        "NodeUnpublishVolume",
+    ]
+    for r in calls:
+        assert r["calls"] == 20
+        assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+    copies = [n for n in by_name if n.startswith("cp -r + sync")]
+    floors = [n for n in by_name if n.startswith("network floor")]
+    assert len(copies) == 2 and any("extrapolated" in n for n in copies)
+    assert len(floors) == 2
+    assert all(by_name[n]["seconds"] > 0 for n in copies + floors)
+    assert "p99 ms" in table
+    mounted = Path("/proc/self/mountinfo").read_text()
+    assert str(tmp_path) not in mounted
+    assert list(tmp_path.iterdir()) == []  # the bench's temp dir is gone

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SCHEMA_VERSION = 1
 
@@ -104,6 +105,16 @@ class BlobRow:
     mtime_ns: int
     state: str
     verified_at: float
+
+
+class FileRecord(NamedTuple):
+    path: str
+    sha256: str
+    size: int | None
+    """None (with the rest) when the blob is not recorded."""
+    inode: int | None
+    mtime_ns: int | None
+    state: str | None
 
 
 class Index:
@@ -204,14 +215,14 @@ class Index:
         rows = self.query("SELECT * FROM blobs WHERE sha256 = ?", (sha256,))
         return BlobRow(*rows[0]) if rows else None  # type: ignore[arg-type]
 
-    def model_blobs(self, digest: str) -> list[tuple[str, BlobRow | None]]:
-        """(path, blob record or None when missing) of every file of a model, in one query."""
+    def model_file_records(self, digest: str) -> list[FileRecord]:
+        """What a fast check compares, for every file of a model, in one query."""
         rows = self.query(
-            "SELECT f.path, b.* FROM model_files f LEFT JOIN blobs b ON b.sha256 = f.sha256"
-            " WHERE f.model = ? ORDER BY f.path",
+            "SELECT f.path, f.sha256, b.size, b.inode, b.mtime_ns, b.state FROM model_files f"
+            " LEFT JOIN blobs b ON b.sha256 = f.sha256 WHERE f.model = ? ORDER BY f.path",
             (digest,),
         )
-        return [(str(r[0]), BlobRow(*r[1:]) if r[1] is not None else None) for r in rows]  # type: ignore[arg-type]
+        return [FileRecord(*r) for r in rows]  # type: ignore[arg-type]
 
     def fully_verified(self, sha256: str) -> bool:
         """Whether a full re-hash of this blob ever passed (it stays valid while the file's

@@ -307,12 +307,15 @@ class Store:
     # -- pins ----------------------------------------------------------------------------------
 
     def pin(self, digest: str, kind: str, holder: str) -> None:
-        """Pin a model (idempotent). ``kind`` is ``mount`` or ``warm``; ``holder`` says who."""
+        """Pin a model (idempotent). ``kind`` is ``mount`` or ``warm``; ``holder`` says who.
+        A pin is a use: the model's last-used time moves in the same transaction."""
+        now = time.time()
         with self.index.tx() as c:
             c.execute(
                 "INSERT OR IGNORE INTO pins(model, kind, holder, created_at) VALUES (?, ?, ?, ?)",
-                (digest, kind, holder, time.time()),
+                (digest, kind, holder, now),
             )
+            c.execute("UPDATE models SET last_used = ? WHERE digest = ?", (now, digest))
 
     def unpin(self, digest: str, kind: str, holder: str) -> None:
         """Drop a pin; dropping an absent pin is not an error."""

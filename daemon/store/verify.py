@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass, field
 
 from weightcache.daemon.hashing import chunk_xxh3
-from weightcache.daemon.store.index import BlobRow
+from weightcache.daemon.store.index import BlobRow, FileRecord
 from weightcache.daemon.store.store import CORRUPT, READY, Store
 
 
@@ -38,11 +38,9 @@ class VerifyReport:
         return not self.problems and not self.corrupt_models
 
 
-def check_file(path: str, blob: BlobRow, full: bool) -> tuple[str | None, tuple[int, ...], int]:
-    """Check one tree file against its blob; return (reason or None, bad chunks, bytes hashed).
-
-    Fast: type, size, inode and mtime (a file rewritten or replaced). Full: type and size, then
-    the xxh3 of every chunk (bit rot, which leaves the metadata alone)."""
+def check_content(path: str, blob: BlobRow) -> tuple[str | None, tuple[int, ...], int]:
+    """The full check of one tree file: type, size, then the xxh3 of every chunk (bit rot,
+    which leaves the metadata alone). Returns (reason or None, bad chunks, bytes hashed)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -51,12 +49,6 @@ def check_file(path: str, blob: BlobRow, full: bool) -> tuple[str | None, tuple[
         return "not a regular file", (), 0
     if st.st_size != blob.size:
         return f"size {st.st_size} != {blob.size}", (), 0
-    if not full:
-        if st.st_ino != blob.inode:
-            return "inode changed (file replaced)", (), 0
-        if st.st_mtime_ns != blob.mtime_ns:
-            return "mtime changed (file rewritten)", (), 0
-        return None, (), 0
     bad: list[int] = []
     hashed = 0
     with open(path, "rb", buffering=0) as f:
@@ -87,29 +79,51 @@ def check_model(
     Only full results are recorded: they are what the remembered check and the scrubber read.
     """
     check = ModelCheck()
-    tree = store.model_path(digest)
-    for rel, blob in store.index.model_blobs(digest):
+    tree = str(store.model_path(digest))
+    for rec in store.index.model_file_records(digest):
         check.files += 1
-        path = str(tree / rel)
-        if blob is None or blob.state != "ok":
-            sha = blob.sha256 if blob else ""
-            check.problems.append(Problem(digest, rel, sha, "blob is not held"))
+        path = os.path.join(tree, rec.path)
+        if rec.state != "ok":
+            check.problems.append(Problem(digest, rec.path, rec.sha256, "blob is not held"))
             continue
-        reason, bad, _ = check_file(path, blob, False)
+        reason = _metadata_reason(path, rec)
+        bad: tuple[int, ...] = ()
         unchanged = reason is None
-        if full and not (unchanged and remembered and store.index.fully_verified(blob.sha256)):
+        if full and not (unchanged and remembered and store.index.fully_verified(rec.sha256)):
             # Full mode judges content alone: a touched or copied file with the right bytes
             # is fine (it is re-hashed every time, as its metadata no longer matches).
-            reason, bad, hashed = check_file(path, blob, True)
-            check.bytes_hashed += hashed
+            blob = store.blob_row(rec.sha256)
+            if blob is None:
+                reason = "blob is not held"
+            else:
+                reason, bad, hashed = check_content(path, blob)
+                check.bytes_hashed += hashed
             if reason is None and unchanged:
-                store.record_verification(blob.sha256, "full", True, "")
+                store.record_verification(rec.sha256, "full", True, "")
         if reason is None:
             continue
-        check.problems.append(Problem(digest, rel, blob.sha256, reason, bad))
+        check.problems.append(Problem(digest, rec.path, rec.sha256, reason, bad))
         if quarantine:
-            store.quarantine(digest, rel, blob.sha256, reason)
+            store.quarantine(digest, rec.path, rec.sha256, reason)
     return check
+
+
+def _metadata_reason(path: str, rec: FileRecord) -> str | None:
+    """The fast check (type, size, inode, mtime) of one file; runs per file at every publish,
+    so it is one lstat and a few comparisons."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "file is missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size != rec.size:
+        return f"size {st.st_size} != {rec.size}"
+    if st.st_ino != rec.inode:
+        return "inode changed (file replaced)"
+    if st.st_mtime_ns != rec.mtime_ns:
+        return "mtime changed (file rewritten)"
+    return None
 
 
 def verify_store(store: Store, *, full: bool, quarantine: bool = True) -> VerifyReport:
