@@ -68,12 +68,16 @@ def _node(args: argparse.Namespace) -> int:
 
     from weightcache.daemon.node_agent import run_node
 
-    if not args.no_kube:
-        logging.getLogger(__name__).warning(
-            "the warm controller is not implemented yet: serving CSI only, as with --no-kube"
-        )
     node_id = args.node_name or socket.gethostname()
-    asyncio.run(run_node(_config(args), args.csi_endpoint, node_id))
+    asyncio.run(
+        run_node(
+            _config(args),
+            args.csi_endpoint,
+            node_id,
+            kube=not args.no_kube,
+            kubeconfig=args.kubeconfig,
+        )
+    )
     return EXIT_OK
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +96,28 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class WarmConfig:
+    """The warm controller's dealings with the Kubernetes API."""
+
+    watch_timeout_s: int = 300
+    """Server-side lifetime of one watch; the next one resumes from the last resourceVersion."""
+    reconnect_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+    """Waits between failed list/watch attempts (the last one repeats)."""
+    request_timeout_s: float = 30.0
+    """Connect and read timeout of one API request."""
+    resync_s: float = 60.0
+    """How often the controller re-checks the store (evictions) without a cluster change."""
+    retry_failed_s: float = 300.0
+    """How long a failed warm waits before it is tried again."""
+
+
+@dataclass(frozen=True)
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    warm: WarmConfig = field(default_factory=WarmConfig)
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
@@ -154,7 +171,7 @@ def _coerce(default: Any, value: Any) -> Any:
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Build a validated :class:`Config` from a parsed TOML document."""
-    unknown = set(data) - {"store", "fetch", "registry", "policy"}
+    unknown = set(data) - {"store", "fetch", "registry", "policy", "warm"}
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}")
     store = _build(StoreConfig, data.get("store", {}), "store")
@@ -178,7 +195,11 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         insecure=registry.insecure, mirrors=mirrors, docker_config=registry.docker_config
     )
     config = Config(
-        store=store, fetch=fetch, registry=registry, policy=_policy(data.get("policy", {}))
+        store=store,
+        fetch=fetch,
+        registry=registry,
+        policy=_policy(data.get("policy", {})),
+        warm=_build(WarmConfig, data.get("warm", {}), "warm"),
     )
     validate(config)
     return config
@@ -226,6 +247,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"[policy] default must be allow or deny, not {p.default!r}")
     if p.credential_cache_s < 0:
         raise ConfigError("[policy] credential_cache_s must not be negative")
+    w = config.warm
+    if w.watch_timeout_s < 1 or w.request_timeout_s <= 0 or w.resync_s <= 0:
+        raise ConfigError("[warm] timeouts and resync_s must be positive")
+    if not w.reconnect_delays or any(d < 0 for d in w.reconnect_delays):
+        raise ConfigError("[warm] reconnect_delays must list non-negative delays")
+    if w.retry_failed_s < 0:
+        raise ConfigError("[warm] retry_failed_s must not be negative")
 
 
 def load_config(path: Path | None, **store_overrides: Any) -> Config:
@@ -242,8 +270,6 @@ def load_config(path: Path | None, **store_overrides: Any) -> Config:
     overrides = {k: v for k, v in store_overrides.items() if v is not None}
     if overrides:
         store = StoreConfig(**{**config.store.__dict__, **overrides})
-        config = Config(
-            store=store, fetch=config.fetch, registry=config.registry, policy=config.policy
-        )
+        config = replace(config, store=store)
         validate(config)
     return config

@@ -17,6 +17,8 @@ from weightcache.csi.mounter import SystemMounter
 from weightcache.csi.node import NodeService
 from weightcache.csi.server import start_node_server
 from weightcache.daemon.config import Config
+from weightcache.daemon.kube.client import KubeClient
+from weightcache.daemon.kube.warm import WarmController
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.wiring import build_fetcher, build_policy
 
@@ -24,7 +26,16 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 10.0
 
 
-async def run_node(config: Config, endpoint: str, node_id: str) -> None:
+async def run_node(
+    config: Config,
+    endpoint: str,
+    node_id: str,
+    *,
+    kube: bool = False,
+    kubeconfig: str | None = None,
+) -> None:
+    """Serve until SIGTERM. With ``kube``, also run the warm controller against the API server
+    named by ``kubeconfig`` (or the in-cluster service account when None)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -35,7 +46,13 @@ async def run_node(config: Config, endpoint: str, node_id: str) -> None:
     node = NodeService(node_id, store, fetcher, SystemMounter(), build_policy(config))
     identity = IdentityService(lambda: ready)
     server = await start_node_server(endpoint, identity, node)
+    warm: WarmController | None = None
     try:
+        if kube:
+            client = KubeClient(kubeconfig, config.warm.request_timeout_s)
+            warm = WarmController(node_id, client, store, fetcher, config.warm)
+            warm.start()
+            log.info("warm controller watching workloads for node %s", node_id)
         dropped = await asyncio.to_thread(node.reconcile)
         for target in dropped:
             log.info("dropped the pin of %s: its mount is gone", target)
@@ -44,6 +61,8 @@ async def run_node(config: Config, endpoint: str, node_id: str) -> None:
         await stop.wait()
         log.info("shutting down")
     finally:
+        if warm is not None:
+            await asyncio.to_thread(warm.stop)
         await server.stop(grace=SHUTDOWN_GRACE_S)
         await asyncio.to_thread(fetcher.close)
         store.close()

@@ -19,6 +19,7 @@ import yaml
 
 from weightcache.daemon.cli import build_parser
 from weightcache.daemon.config import ConfigError, parse_config
+from weightcache.daemon.kube.naming import label_key
 from weightcache.daemon.references import parse_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -527,3 +528,6 @@ def test_warm_deployment_annotation_and_mount() -> None:
         .get("preferredDuringSchedulingIgnoredDuringExecution", [])
     )
     assert preferred, f"{_rel(path)}: no preferred node affinity on the warm label"
+    keys = {e["key"] for p in preferred for e in p["preference"].get("matchExpressions", [])}
+    expected = {label_key(parse_reference(r)) for r in refs}
+    assert keys == expected, f"{_rel(path)}: affinity on {keys}, the node labels are {expected}"

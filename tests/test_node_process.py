@@ -14,8 +14,12 @@ from helpers import run_cli
 
 from weightcache.csi.mounter import SystemMounter
 from weightcache.daemon.config import StoreConfig
+from weightcache.daemon.kube.naming import WARM_ANNOTATION, label_key
+from weightcache.daemon.references import parse_reference
 from weightcache.daemon.store.store import Store
 from weightcache.proto import csi_pb2, csi_pb2_grpc
+from weightcache.testing.fake_kube import deployment, run_fake_kube
+from weightcache.testing.fake_kube import node as fake_node
 from weightcache.testing.models import sample_model, write_files
 
 CAP = csi_pb2.VolumeCapability(
@@ -143,3 +147,38 @@ def test_controller_process_serves_identity_and_controller(tmp_path: Path) -> No
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_node_process_warms_what_the_cluster_asks_for(tmp_path: Path) -> None:
+    ref = f"file://{write_files(tmp_path / 'src', sample_model(82))}"
+    key = label_key(parse_reference(ref))
+    with run_fake_kube() as kube:
+        kube.put(fake_node("gpu-1"))
+        kube.put(deployment("llama", "team-a", annotations={WARM_ANNOTATION: ref}))
+        proc = _spawn(
+            "node",
+            "--kubeconfig",
+            str(kube.kubeconfig(tmp_path)),
+            "--node-name",
+            "gpu-1",
+            "--store",
+            str(tmp_path / "store"),
+            "--csi-endpoint",
+            f"unix://{tmp_path}/csi.sock",
+        )
+        try:
+            logged = _until_serving(proc)
+            assert "warm controller watching workloads for node gpu-1" in logged
+            labelled = kube.wait_until(
+                lambda: key in (kube.get("Node", "", "gpu-1") or {})["metadata"]["labels"], 60
+            )
+            assert labelled, "the node was never labelled"
+            reasons = [e["reason"] for e in kube.objects("Event")]
+            assert "WarmReady" in reasons
+            _stop(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    store = Store(StoreConfig(root=tmp_path / "store"))
+    assert [(k, h) for _, k, h in store.pins()] == [("warm", "Deployment/team-a/llama")]
+    store.close()

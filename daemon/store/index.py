@@ -250,6 +250,10 @@ class Index:
         rows = self.query("SELECT digest FROM refs WHERE ref = ?", (ref,))
         return str(rows[0][0]) if rows else None
 
+    def refs(self) -> list[tuple[str, str]]:
+        """Every (reference, digest) resolved so far."""
+        return [(str(r), str(d)) for r, d in self.query("SELECT ref, digest FROM refs")]
+
     def remember_ref(self, ref: str, digest: str) -> None:
         with self.tx() as c:
             c.execute(

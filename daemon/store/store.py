@@ -298,6 +298,10 @@ class Store:
         """The digest a reference resolved to last time, if any."""
         return self.index.ref_digest(ref)
 
+    def refs(self) -> list[tuple[str, str]]:
+        """Every (reference, digest) this store has resolved."""
+        return self.index.refs()
+
     def remember(self, ref: str, digest: str) -> None:
         self.index.remember_ref(ref, digest)
 

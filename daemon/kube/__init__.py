@@ -1,0 +1,1 @@
+"""The warm controller: Kubernetes workloads that ask for models, and this node's answer."""

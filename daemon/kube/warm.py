@@ -1,0 +1,403 @@
+"""The warm controller: fetch what the workloads that could land on this node ask for.
+
+Level-based: informers keep local copies of Deployments, StatefulSets and this node, and every
+change wakes one reconcile pass that compares what is wanted with what the store holds:
+
+- wanted: for each workload carrying ``weightcache.io/warm`` whose pod template could schedule
+  here (:mod:`scheduling`), each reference it names;
+- ready references get a ``warm`` pin held by the workload (``Kind/namespace/name``); others
+  start or join their fetch (the fetcher's, so one fetch per model per node whoever asks);
+- a workload's pins on models it no longer names are dropped, except during a rollout: until
+  every model it now names is ready, the old ones stay pinned (and a pod mounting one holds its
+  own ``mount`` pin for as long as it runs). Dropping a pin frees nothing; eviction does, later;
+- node labels ``warm.weightcache.io/<hash>=true`` follow the store: present while the model of
+  a wanted (or already labelled) reference is ready, removed when it leaves;
+- Events on the workload: WarmStarted, WarmReady (bytes, duration), WarmFailed (reason) and
+  WarmNoSpace, each once per workload, reference and attempt.
+
+A pass is cheap and idempotent, so it also runs every ``resync_s`` to notice evictions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from weightcache.daemon.config import WarmConfig
+from weightcache.daemon.errors import InsufficientSpace, WeightcacheError
+from weightcache.daemon.fetcher import Fetcher
+from weightcache.daemon.kube.client import KubeClient, KubeError, Listing
+from weightcache.daemon.kube.informer import Informer, Lister, Object, Watcher
+from weightcache.daemon.kube.naming import (
+    LABEL_PREFIX,
+    LABEL_VALUE,
+    WARM_ANNOTATION,
+    label_key,
+    parse_warm_annotation,
+)
+from weightcache.daemon.kube.scheduling import eligible
+from weightcache.daemon.references import ModelRef, parse_reference
+from weightcache.daemon.store.index import ModelRow
+from weightcache.daemon.store.store import READY, Store
+
+log = logging.getLogger(__name__)
+WARM_PIN = "warm"
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+COMPONENT = "weightcache-node"
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+
+    @property
+    def holder(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}"
+
+
+@dataclass
+class Attempt:
+    """One fetch of one reference started by this controller."""
+
+    number: int
+    started: float
+    future: Future[ModelRow]
+    error: BaseException | None = None
+    retry_at: float = 0.0
+    finished: float = 0.0
+
+
+@dataclass
+class _Wanted:
+    ref: ModelRef
+    by: list[Workload] = field(default_factory=list)
+
+
+class WarmController:
+    def __init__(
+        self,
+        node_name: str,
+        client: KubeClient,
+        store: Store,
+        fetcher: Fetcher,
+        config: WarmConfig,
+    ) -> None:
+        self.node_name = node_name
+        self._client = client
+        self._store = store
+        self._fetcher = fetcher
+        self._config = config
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._attempts: dict[str, Attempt] = {}
+        self._announced: set[tuple[str, str, str, int]] = set()
+        self._announced_invalid: set[tuple[str, str]] = set()
+        self.passes = 0
+        """Completed reconcile passes."""
+        self._settled = threading.Condition()
+        self.last_error = ""
+        self.informers = {kind: self._workload_informer(kind) for kind in WORKLOAD_KINDS}
+        self.informers["Node"] = self._informer(
+            "Node", self._get_node, lambda rv, t: client.watch_node(node_name, rv, t)
+        )
+        self._thread: threading.Thread | None = None
+
+    def _workload_informer(self, kind: str) -> Informer:
+        return self._informer(
+            kind,
+            lambda: self._client.list_workloads(kind),
+            lambda rv, t: self._client.watch_workloads(kind, rv, t),
+        )
+
+    def _informer(self, name: str, lister: Lister, watcher: Watcher) -> Informer:
+        return Informer(
+            name,
+            lister,
+            watcher,
+            self.wake,
+            stop=self._stop,
+            delays=self._config.reconnect_delays,
+            watch_timeout_s=self._config.watch_timeout_s,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for informer in self.informers.values():
+            informer.start()
+        self._thread = threading.Thread(target=self._loop, name="warm-controller", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop reconciling. Informer threads end at their next event or watch timeout; they
+        are daemons and hold nothing that needs closing."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _get_node(self) -> Listing:
+        node = self._client.get_node(self.node_name)
+        return Listing([node], str(node["metadata"]["resourceVersion"]))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._config.resync_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.reconcile()
+                self.last_error = ""
+            except KubeError as exc:
+                # Labels or events could not be written; the next pass tries again.
+                self.last_error = str(exc)
+                log.warning("warm controller: %s; retrying", exc)
+                self._stop.wait(self._config.reconnect_delays[0])
+                self._wake.set()
+            except Exception as exc:
+                self.last_error = str(exc)
+                log.exception("warm controller pass failed")
+                self._stop.wait(self._config.reconnect_delays[-1])
+                self._wake.set()
+            finally:
+                with self._settled:
+                    self.passes += 1
+                    self._settled.notify_all()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``predicate`` holds after a reconcile pass (or now); False on timeout.
+        For callers that must act on a settled state rather than guess with a sleep."""
+        with self._settled:
+            return self._settled.wait_for(predicate, timeout)
+
+    # -- one pass ------------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        if not all(i.synced.is_set() for i in self.informers.values()):
+            return  # decide on the whole picture only: a half-listed cluster would unpin
+        nodes = self.informers["Node"].snapshot()
+        if not nodes:
+            return
+        node = nodes[0]
+        wanted, holders = self._wanted(node)
+        ready: dict[str, ModelRow] = {}
+        for key, want in wanted.items():
+            row = self._ready_row(key)
+            if row is not None:
+                ready[key] = row
+                self._announce_ready(want, row)
+            else:
+                self._ensure_fetch(key, want)
+        self._sync_pins(wanted, holders, ready)
+        self._sync_labels(node, wanted)
+        # Forget what concerns workloads and references no longer wanted here.
+        self._announced = {k for k in self._announced if k[0] in holders}
+        for key in [k for k, a in self._attempts.items() if k not in wanted and a.future.done()]:
+            del self._attempts[key]
+
+    def _wanted(self, node: Object) -> tuple[dict[str, _Wanted], dict[str, list[str]]]:
+        """Reference -> the eligible workloads naming it; holder -> the references it names."""
+        wanted: dict[str, _Wanted] = {}
+        holders: dict[str, list[str]] = {}
+        for kind in WORKLOAD_KINDS:
+            for obj in self.informers[kind].snapshot():
+                meta = obj.get("metadata") or {}
+                annotation = (meta.get("annotations") or {}).get(WARM_ANNOTATION)
+                if not annotation:
+                    continue
+                workload = Workload(
+                    kind,
+                    meta.get("namespace", ""),
+                    meta.get("name", ""),
+                    meta.get("uid", ""),
+                    str(meta.get("resourceVersion", "")),
+                )
+                request = parse_warm_annotation(annotation)
+                for error in request.errors:
+                    self._announce_invalid(workload, error)
+                pod_spec = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+                verdict = eligible(pod_spec, node)
+                if not verdict.eligible:
+                    log.debug("%s not eligible on %s: %s", workload.holder, self.node_name, verdict)
+                    continue
+                holders[workload.holder] = [str(r) for r in request.refs]
+                for ref in request.refs:
+                    wanted.setdefault(str(ref), _Wanted(ref)).by.append(workload)
+        return wanted, holders
+
+    def _ready_row(self, ref: str) -> ModelRow | None:
+        digest = self._store.resolve_cached(ref)
+        row = self._store.model(digest) if digest else None
+        return row if row is not None and row.state == READY else None
+
+    def _ensure_fetch(self, key: str, want: _Wanted) -> None:
+        attempt = self._attempts.get(key)
+        now = time.monotonic()
+        if attempt is not None and not attempt.future.done():
+            return
+        if attempt is not None and attempt.error is not None:
+            self._announce_failure(want, attempt)
+            if now < attempt.retry_at:
+                return
+        number = attempt.number + 1 if attempt else 1
+        future = self._fetcher.warm_async(want.ref)
+        attempt = Attempt(number, now, future)
+        self._attempts[key] = attempt
+        future.add_done_callback(lambda f: self._finished(attempt, f))
+        for w in want.by:
+            self._event(
+                w, "WarmStarted", "Normal", f"fetching {want.ref} to node {self.node_name}", key
+            )
+
+    def _finished(self, attempt: Attempt, future: Future[ModelRow]) -> None:
+        attempt.finished = time.monotonic()
+        exc = future.exception()
+        if exc is not None:
+            attempt.error = exc
+            attempt.retry_at = time.monotonic() + self._config.retry_failed_s
+        self.wake()
+
+    # -- pins ----------------------------------------------------------------------------------
+
+    def _sync_pins(
+        self,
+        wanted: Mapping[str, _Wanted],
+        holders: Mapping[str, list[str]],
+        ready: Mapping[str, ModelRow],
+    ) -> None:
+        want_pins = {
+            (ready[key].digest, w.holder)
+            for key, want in wanted.items()
+            if key in ready
+            for w in want.by
+        }
+        current = {(m, h) for m, k, h in self._store.pins() if k == WARM_PIN}
+        for digest, holder in want_pins - current:
+            self._store.pin(digest, WARM_PIN, holder)
+        for digest, holder in current - want_pins:
+            names = holders.get(holder)
+            if names and not all(n in ready for n in names):
+                continue  # a rollout in progress: keep the old version until the new is ready
+            self._store.unpin(digest, WARM_PIN, holder)
+            log.info("%s no longer wants %s on this node: unpinned", holder, digest)
+
+    # -- labels --------------------------------------------------------------------------------
+
+    def _sync_labels(self, node: Object, wanted: Mapping[str, _Wanted]) -> None:
+        labels: Mapping[str, str] = (node.get("metadata") or {}).get("labels") or {}
+        current = {k: v for k, v in labels.items() if k.startswith(LABEL_PREFIX)}
+        refs_by_key: dict[str, str] = {}
+        for ref, _ in self._store.refs():
+            try:
+                refs_by_key[label_key(parse_reference(ref))] = ref
+            except WeightcacheError:
+                continue
+        for key, want in wanted.items():
+            refs_by_key[label_key(want.ref)] = key
+        candidates = {label_key(w.ref) for w in wanted.values()} | set(current)
+        desired = {k for k in candidates if k in refs_by_key and self._ready_row(refs_by_key[k])}
+        patch: dict[str, str | None] = {
+            k: LABEL_VALUE for k in desired if current.get(k) != LABEL_VALUE
+        }
+        patch.update({k: None for k in current if k not in desired})
+        if patch:
+            self._client.patch_node_labels(self.node_name, patch)
+            log.info("node %s labels: %s", self.node_name, patch)
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _announce_ready(self, want: _Wanted, row: ModelRow) -> None:
+        attempt = self._attempts.get(str(want.ref))
+        took = (
+            f" in {attempt.finished - attempt.started:.1f}s"
+            if attempt is not None and attempt.finished
+            else " (already cached)"
+        )
+        for w in want.by:
+            self._event(
+                w,
+                "WarmReady",
+                "Normal",
+                f"{want.ref} is ready on node {self.node_name}: {row.size} bytes{took}; "
+                f"node label {label_key(want.ref)}={LABEL_VALUE}",
+                str(want.ref),
+                once_per=row.digest,
+            )
+
+    def _announce_failure(self, want: _Wanted, attempt: Attempt) -> None:
+        no_space = isinstance(attempt.error, InsufficientSpace)
+        for w in want.by:
+            self._event(
+                w,
+                "WarmNoSpace" if no_space else "WarmFailed",
+                "Warning",
+                f"cannot warm {want.ref} on node {self.node_name}: {attempt.error}",
+                str(want.ref),
+                attempt=attempt.number,
+            )
+
+    def _announce_invalid(self, workload: Workload, error: str) -> None:
+        key = (workload.holder, error)
+        if key in self._announced_invalid:
+            return
+        self._announced_invalid.add(key)
+        self._event(workload, "WarmFailed", "Warning", f"{WARM_ANNOTATION}: {error}", error)
+
+    def _event(
+        self,
+        workload: Workload,
+        reason: str,
+        kind: str,
+        message: str,
+        subject: str,
+        *,
+        attempt: int = 0,
+        once_per: str = "",
+    ) -> None:
+        key = (workload.holder, f"{subject}\x00{once_per}", reason, attempt)
+        if key in self._announced:
+            return
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{workload.name}.{uuid.uuid4().hex[:16]}",
+                "namespace": workload.namespace,
+            },
+            "involvedObject": {
+                "apiVersion": "apps/v1",
+                "kind": workload.kind,
+                "name": workload.name,
+                "namespace": workload.namespace,
+                "uid": workload.uid,
+                "resourceVersion": workload.resource_version,
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": kind,
+            "source": {"component": COMPONENT, "host": self.node_name},
+            "reportingComponent": f"weightcache.io/{COMPONENT}",
+            "reportingInstance": self.node_name,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self._client.create_event(workload.namespace, event)
+        self._announced.add(key)
+        log.info("event %s on %s: %s", reason, workload.holder, message)
