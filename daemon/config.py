@@ -112,12 +112,24 @@ class WarmConfig:
 
 
 @dataclass(frozen=True)
+class ScrubConfig:
+    """The continuous re-check of everything the store holds (``weightcache node``)."""
+
+    enabled: bool = True
+    bytes_per_s: int = 200 * 1024 * 1024
+    """Read rate of the scrubber; 0 means unlimited (as fast as the disk allows)."""
+    idle_s: float = 60.0
+    """Wait before the next pass when the store holds nothing to check."""
+
+
+@dataclass(frozen=True)
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     warm: WarmConfig = field(default_factory=WarmConfig)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
@@ -171,7 +183,7 @@ def _coerce(default: Any, value: Any) -> Any:
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Build a validated :class:`Config` from a parsed TOML document."""
-    unknown = set(data) - {"store", "fetch", "registry", "policy", "warm"}
+    unknown = set(data) - {"store", "fetch", "registry", "policy", "warm", "scrub"}
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}")
     store = _build(StoreConfig, data.get("store", {}), "store")
@@ -200,6 +212,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         registry=registry,
         policy=_policy(data.get("policy", {})),
         warm=_build(WarmConfig, data.get("warm", {}), "warm"),
+        scrub=_build(ScrubConfig, data.get("scrub", {}), "scrub"),
     )
     validate(config)
     return config
@@ -254,6 +267,8 @@ def validate(config: Config) -> None:
         raise ConfigError("[warm] reconnect_delays must list non-negative delays")
     if w.retry_failed_s < 0:
         raise ConfigError("[warm] retry_failed_s must not be negative")
+    if config.scrub.bytes_per_s < 0 or config.scrub.idle_s <= 0:
+        raise ConfigError("[scrub] bytes_per_s must not be negative; idle_s must be positive")
 
 
 def load_config(path: Path | None, **store_overrides: Any) -> Config:

@@ -16,6 +16,8 @@ import hashlib
 import io
 import logging
 import mmap
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -29,11 +31,14 @@ from weightcache.daemon.config import FetchConfig
 from weightcache.daemon.errors import (
     DigestMismatch,
     InsufficientSpace,
+    NotCached,
+    SourceError,
     WeightcacheError,
 )
-from weightcache.daemon.hashing import Fingerprint, StreamHasher
+from weightcache.daemon.hashing import Fingerprint, StreamHasher, chunk_xxh3
 from weightcache.daemon.plan import ModelPlan, RemoteArchive, RemoteFile
-from weightcache.daemon.references import ModelRef
+from weightcache.daemon.ratelimit import RateLimiter
+from weightcache.daemon.references import ModelRef, OciRef, parse_reference
 from weightcache.daemon.retry import with_retries
 from weightcache.daemon.sources import Sources
 from weightcache.daemon.store.index import ModelRow
@@ -85,34 +90,6 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-class RateLimiter:
-    """A token bucket shared by every download of this process; 0 means unlimited."""
-
-    def __init__(
-        self,
-        bytes_per_s: int,
-        stop: threading.Event,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._rate = bytes_per_s
-        self._stop = stop
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._next = clock()
-
-    def consume(self, n: int) -> None:
-        """Wait until ``n`` more bytes fit under the rate (the stop event cuts the wait)."""
-        if self._rate <= 0:
-            return
-        with self._lock:
-            now = self._clock()
-            start = max(now, self._next)
-            self._next = start + n / self._rate
-            wait = start - now
-        if wait > 0:
-            self._stop.wait(wait)
-
-
 def _space_needed(todo: list[RemoteFile | RemoteArchive]) -> int:
     """Bytes the items will take in the store; compressed layers may expand."""
     return sum(
@@ -152,6 +129,8 @@ class Fetcher:
         self._inflight: dict[str, Future[ModelRow]] = {}
         self._progress: dict[str, Progress] = {}
         self._lock = threading.Lock()
+        self.repaired_bytes = 0
+        """Bytes fetched to repair files by range (the rest of those files was kept)."""
 
     def close(self) -> None:
         self.stop.set()
@@ -166,12 +145,20 @@ class Fetcher:
 
     def warm_async(self, ref: ModelRef) -> Future[ModelRow]:
         """Start (or join) the fetch of ``ref``."""
-        key = str(ref)
+        return self._single_flight(str(ref), lambda: self._warm(ref))
+
+    def repair_async(self, digest: str) -> Future[ModelRow]:
+        """Start (or join) the repair of a corrupt model: the same content, by digest, from the
+        source it came from. Files with a quarantined copy fetch only their damaged chunks.
+        If the source no longer serves that digest, the model stays corrupt, saying why."""
+        return self._single_flight(f"repair {digest}", lambda: self._repair(digest))
+
+    def _single_flight(self, key: str, work: Callable[[], ModelRow]) -> Future[ModelRow]:
         with self._lock:
             fut = self._inflight.get(key)
             if fut is not None:
                 return fut
-            fut = self._models.submit(self._warm, ref)
+            fut = self._models.submit(work)
             self._inflight[key] = fut
         # Outside the lock: a fetch that already finished runs the callback right here.
         fut.add_done_callback(lambda done: self._forget(key, done))
@@ -206,6 +193,30 @@ class Fetcher:
             # Checked again under the lock: another process may have finished it meanwhile.
             return self._held(plan.digest) or self._fetch(plan)
 
+    def _repair(self, digest: str) -> ModelRow:
+        row = self.store.model(digest)
+        if row is None:
+            raise NotCached(f"model {digest} is not in the store")
+        if row.state == READY:
+            return row
+        ref = parse_reference(row.ref)
+        if isinstance(ref, OciRef):
+            ref = ref.with_digest(digest)  # the tag may have moved on; the bytes have not
+        try:
+            plan = self.resolve(ref)
+            if plan.digest != digest:
+                raise SourceError(
+                    f"{row.ref} now resolves to {plan.digest}, not {digest}: the source no "
+                    "longer holds this model's content",
+                    reason="changed",
+                )
+            with self.store.fetch_lock(digest):
+                return self._held(digest) or self._fetch(plan)
+        except WeightcacheError as exc:
+            damage = row.error.split("; repair failed: ")[0]
+            self.store.mark_corrupt(digest, f"{damage}; repair failed: {exc}")
+            raise
+
     def _held(self, digest: str) -> ModelRow | None:
         """The model's record if it is ready (marking it used), else None."""
         row = self.store.model(digest)
@@ -222,8 +233,13 @@ class Fetcher:
         try:
             todo: list[RemoteFile | RemoteArchive] = []
             for item in plan.items:
-                if isinstance(item, RemoteFile) and item.sha256 and store.has_blob(item.sha256):
-                    store.link_blob(plan.digest, item.path, item.sha256)
+                # A source that announces no digest (S3, local) still names an immutable
+                # version in the plan digest, so the sha recorded for this path stays valid.
+                sha = isinstance(item, RemoteFile) and (
+                    item.sha256 or store.file_sha(plan.digest, item.path)
+                )
+                if isinstance(item, RemoteFile) and sha and store.has_blob(sha):
+                    store.link_blob(plan.digest, item.path, sha)
                     progress.add(item.size)
                 else:
                     todo.append(item)
@@ -336,25 +352,9 @@ class Fetcher:
         stop: threading.Event,
     ) -> Generator[memoryview, None, None]:
         """The object's bytes from ``offset``, in order, through this thread's buffers."""
-        source = self.sources.for_ref(plan.ref)
 
         def read_into(start: int, view: memoryview) -> None:
-            def attempt() -> None:
-                if stop.is_set() or self.stop.is_set():
-                    raise InterruptedError("fetch cancelled")
-                self._limiter.consume(len(view))
-                source.read_into(plan.ref, locator, version, start, view)
-
-            def note(exc: Exception) -> None:
-                progress.last_error = str(exc)
-
-            with_retries(
-                attempt,
-                self.config.retry_delays,
-                what=f"{plan.ref} {locator} @{start}",
-                stop=self.stop,
-                on_retry=note,
-            )
+            self._read_range(plan, locator, version, start, view, progress, stop)
 
         for view in ordered_parts(
             read_into, size, offset, self.config.part_bytes, self._buffers(), self._ranges, stop
@@ -362,6 +362,36 @@ class Fetcher:
             yield view
             progress.add(len(view))
             self._report(progress)
+
+    def _read_range(
+        self,
+        plan: ModelPlan,
+        locator: str,
+        version: str,
+        start: int,
+        view: memoryview,
+        progress: Progress,
+        stop: threading.Event,
+    ) -> None:
+        """Fill ``view`` from ``start`` of one object, within the bandwidth cap, with retries."""
+        source = self.sources.for_ref(plan.ref)
+
+        def attempt() -> None:
+            if stop.is_set() or self.stop.is_set():
+                raise InterruptedError("fetch cancelled")
+            self._limiter.consume(len(view))
+            source.read_into(plan.ref, locator, version, start, view)
+
+        def note(exc: Exception) -> None:
+            progress.last_error = str(exc)
+
+        with_retries(
+            attempt,
+            self.config.retry_delays,
+            what=f"{plan.ref} {locator} @{start}",
+            stop=self.stop,
+            on_retry=note,
+        )
 
     def _buffers(self) -> list[mmap.mmap]:
         """This file thread's read buffers, allocated once and reused for every part. They are
@@ -393,6 +423,11 @@ class Fetcher:
                 progress.add(item.size)
                 partial.discard()
                 return item.sha256
+            known = item.sha256 or self.store.file_sha(plan.digest, item.path)
+            repaired = known and self._repair_by_range(plan, item, known, progress, stop)
+            if repaired:
+                partial.discard()
+                return repaired
             offset = partial.resume(hasher)
             progress.add(offset)
             position = offset
@@ -417,6 +452,60 @@ class Fetcher:
             self.store.commit_blob(partial.path, fp, plan.digest, item.path)
             partial.forget_log()
         return fp.sha256
+
+    def _repair_by_range(
+        self, plan: ModelPlan, item: RemoteFile, sha: str, progress: Progress, stop: threading.Event
+    ) -> str | None:
+        """Heal a file from its quarantined copy: fetch only the chunks whose xxh3 differs from
+        the record (a truncated copy's tail counts as differing), check each fetched chunk, then
+        the whole file's sha256, and commit. None when there is no usable copy or anything
+        disagrees: the caller downloads the whole file instead."""
+        blob = self.store.blob_row(sha)
+        copy = self.store.quarantined_copy(sha)
+        if blob is None or copy is None or blob.size != item.size:
+            return None
+        size, chunk = item.size, blob.chunk_size
+        tmp = self.store.temp_path("repair")
+        fetched = 0
+        try:
+            shutil.copyfile(copy, tmp)
+            with open(tmp, "r+b", buffering=0) as f:
+                fd = f.fileno()
+                os.ftruncate(fd, size)
+                for i in range(len(blob.chunks) // 16):
+                    start, want = i * chunk, blob.chunks[i * 16 : (i + 1) * 16]
+                    length = min(chunk, size - start)
+                    if chunk_xxh3(os.pread(fd, length, start)) == want:
+                        continue
+                    view = memoryview(bytearray(length))
+                    self._read_range(plan, item.locator, item.version, start, view, progress, stop)
+                    if chunk_xxh3(view) != want:
+                        raise DigestMismatch(f"{item.path} chunk {i} from the source differs")
+                    os.pwrite(fd, view, start)
+                    fetched += length
+                os.fsync(fd)
+            hasher = StreamHasher(chunk_size=chunk)
+            with open(tmp, "rb") as f:
+                while data := f.read(chunk):
+                    hasher.update(data)
+            fp = hasher.finish()
+            if fp.sha256 != sha:
+                log.warning("%s: %s did not repair by range; downloading it", plan.ref, item.path)
+                return None
+            self.store.commit_blob(tmp, fp, plan.digest, item.path)
+        except (WeightcacheError, OSError) as exc:
+            log.warning(
+                "%s: repairing %s by range failed (%s); downloading it", plan.ref, item.path, exc
+            )
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+        progress.add(size)
+        self.repaired_bytes += fetched
+        log.info(
+            "%s: %s repaired by range: %d of %d bytes fetched", plan.ref, item.path, fetched, size
+        )
+        return sha
 
     def _fetch_archive(
         self, plan: ModelPlan, item: RemoteArchive, progress: Progress, stop: threading.Event

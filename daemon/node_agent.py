@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
+from collections.abc import Callable
 
 from weightcache.csi.identity import IdentityService
 from weightcache.csi.mounter import SystemMounter
@@ -18,8 +20,11 @@ from weightcache.csi.node import NodeService
 from weightcache.csi.server import start_node_server
 from weightcache.daemon.config import Config
 from weightcache.daemon.kube.client import KubeClient
+from weightcache.daemon.kube.events import NODE_EVENT_NAMESPACE, event_body
 from weightcache.daemon.kube.warm import WarmController
+from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.store.store import Store
+from weightcache.daemon.store.verify import Problem
 from weightcache.daemon.wiring import build_fetcher, build_policy
 
 log = logging.getLogger(__name__)
@@ -47,12 +52,18 @@ async def run_node(
     identity = IdentityService(lambda: ready)
     server = await start_node_server(endpoint, identity, node)
     warm: WarmController | None = None
+    background = threading.Event()
     try:
-        if kube:
-            client = KubeClient(kubeconfig, config.warm.request_timeout_s)
+        client = KubeClient(kubeconfig, config.warm.request_timeout_s) if kube else None
+        if client is not None:
             warm = WarmController(node_id, client, store, fetcher, config.warm)
             warm.start()
             log.info("warm controller watching workloads for node %s", node_id)
+        if config.scrub.enabled:
+            on_damage = _node_event_poster(client, node_id) if client is not None else None
+            Scrubber(
+                store, fetcher.repair_async, config.scrub, stop=background, on_damage=on_damage
+            ).start()
         dropped = await asyncio.to_thread(node.reconcile)
         for target in dropped:
             log.info("dropped the pin of %s: its mount is gone", target)
@@ -61,8 +72,26 @@ async def run_node(
         await stop.wait()
         log.info("shutting down")
     finally:
+        background.set()
         if warm is not None:
             await asyncio.to_thread(warm.stop)
         await server.stop(grace=SHUTDOWN_GRACE_S)
         await asyncio.to_thread(fetcher.close)
         store.close()
+
+
+def _node_event_poster(client: KubeClient, node_id: str) -> Callable[[Problem], None]:
+    """Scrub findings become Warning events on this Node."""
+
+    def post(problem: Problem) -> None:
+        involved = {"apiVersion": "v1", "kind": "Node", "name": node_id}
+        message = (
+            f"model {problem.model} file {problem.path}: {problem.reason}; quarantined, "
+            "refused to new mounts and being repaired"
+        )
+        client.create_event(
+            NODE_EVENT_NAMESPACE,
+            event_body(involved, NODE_EVENT_NAMESPACE, node_id, "ModelCorrupt", "Warning", message),
+        )
+
+    return post

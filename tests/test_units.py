@@ -13,8 +13,8 @@ import pytest
 import xxhash
 
 from weightcache.daemon.config import ConfigError, Mirror, RegistryConfig, load_config
-from weightcache.daemon.fetcher import RateLimiter
 from weightcache.daemon.hashing import StreamHasher
+from weightcache.daemon.ratelimit import RateLimiter
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.sources.oci_http import RegistryHTTP, is_loopback, load_docker_config
 

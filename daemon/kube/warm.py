@@ -23,17 +23,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
 
 from weightcache.daemon.config import WarmConfig
 from weightcache.daemon.errors import InsufficientSpace, WeightcacheError
 from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.kube.client import KubeClient, KubeError, Listing
+from weightcache.daemon.kube.events import event_body
 from weightcache.daemon.kube.informer import Informer, Lister, Object, Watcher
 from weightcache.daemon.kube.naming import (
     LABEL_PREFIX,
@@ -50,7 +48,6 @@ from weightcache.daemon.store.store import READY, Store
 log = logging.getLogger(__name__)
 WARM_PIN = "warm"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
-COMPONENT = "weightcache-node"
 
 
 @dataclass(frozen=True)
@@ -372,32 +369,15 @@ class WarmController:
         key = (workload.holder, f"{subject}\x00{once_per}", reason, attempt)
         if key in self._announced:
             return
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        event: dict[str, Any] = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "name": f"{workload.name}.{uuid.uuid4().hex[:16]}",
-                "namespace": workload.namespace,
-            },
-            "involvedObject": {
-                "apiVersion": "apps/v1",
-                "kind": workload.kind,
-                "name": workload.name,
-                "namespace": workload.namespace,
-                "uid": workload.uid,
-                "resourceVersion": workload.resource_version,
-            },
-            "reason": reason,
-            "message": message[:1024],
-            "type": kind,
-            "source": {"component": COMPONENT, "host": self.node_name},
-            "reportingComponent": f"weightcache.io/{COMPONENT}",
-            "reportingInstance": self.node_name,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
+        involved = {
+            "apiVersion": "apps/v1",
+            "kind": workload.kind,
+            "name": workload.name,
+            "namespace": workload.namespace,
+            "uid": workload.uid,
+            "resourceVersion": workload.resource_version,
         }
+        event = event_body(involved, workload.namespace, self.node_name, reason, kind, message)
         self._client.create_event(workload.namespace, event)
         self._announced.add(key)
         log.info("event %s on %s: %s", reason, workload.holder, message)

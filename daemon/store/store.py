@@ -468,6 +468,26 @@ class Store:
             self._trim_quarantine()
             return dest if moved else tree_file
 
+    def quarantined_copy(self, sha256: str) -> Path | None:
+        """The most recently quarantined copy of a blob's content, if still kept: a repair
+        re-fetches only the chunks of it that are damaged."""
+        tag = sha256.removeprefix("sha256:")[:16]
+        copies = sorted(
+            self.layout.quarantine.glob(f"*-{tag}-*"), key=lambda p: int(p.name.split("-")[0])
+        )
+        return copies[-1] if copies else None
+
+    def mark_corrupt(self, digest: str, error: str) -> None:
+        """Keep a model refused with the reason a repair could not happen."""
+        self.index.set_state(digest, CORRUPT, error)
+
+    def file_sha(self, digest: str, path: str) -> str | None:
+        """The sha256 recorded for one file of a model."""
+        rows = self.index.query(
+            "SELECT sha256 FROM model_files WHERE model = ? AND path = ?", (digest, path)
+        )
+        return str(rows[0][0]) if rows else None
+
     def _trim_quarantine(self) -> None:
         entries = sorted(self.layout.quarantine.iterdir(), key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in entries)
@@ -480,15 +500,35 @@ class Store:
         return self.index.blob(sha256)
 
     def record_verification(self, sha256: str, mode: str, ok: bool, detail: str) -> None:
+        """Record a check. A passing one replaces the previous passes of its mode (the scrubber
+        passes over everything forever; only failures are history worth keeping)."""
+        now = time.time()
         with self.index.tx() as c:
-            c.execute(
-                "INSERT INTO verifications(sha256, at, mode, ok, detail) VALUES (?, ?, ?, ?, ?)",
-                (sha256, time.time(), mode, int(ok), detail),
-            )
             if ok:
                 c.execute(
-                    "UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (time.time(), sha256)
+                    "DELETE FROM verifications WHERE sha256 = ? AND mode = ? AND ok = 1",
+                    (sha256, mode),
                 )
+                c.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (now, sha256))
+            c.execute(
+                "INSERT INTO verifications(sha256, at, mode, ok, detail) VALUES (?, ?, ?, ?, ?)",
+                (sha256, now, mode, int(ok), detail),
+            )
+
+    def scrub_order(self) -> list[tuple[str, list[tuple[str, str]]]]:
+        """Held blobs that ready models use, least recently verified first, each with the
+        (model, path) entries that use it."""
+        rows = self.index.query(
+            "SELECT b.sha256, f.model, f.path FROM blobs b"
+            " JOIN model_files f ON f.sha256 = b.sha256"
+            " JOIN models m ON m.digest = f.model"
+            " WHERE b.state = 'ok' AND m.state = ? ORDER BY b.verified_at, b.sha256",
+            (READY,),
+        )
+        order: dict[str, list[tuple[str, str]]] = {}
+        for sha, model, path in rows:
+            order.setdefault(str(sha), []).append((str(model), str(path)))
+        return list(order.items())
 
 
 class FetchLock:

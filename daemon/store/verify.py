@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass, field
 
 from weightcache.daemon.hashing import chunk_xxh3
-from weightcache.daemon.store.index import BlobRow, FileRecord
+from weightcache.daemon.store.index import BlobRow
 from weightcache.daemon.store.store import CORRUPT, READY, Store
 
 
@@ -86,7 +86,7 @@ def check_model(
         if rec.state != "ok":
             check.problems.append(Problem(digest, rec.path, rec.sha256, "blob is not held"))
             continue
-        reason = _metadata_reason(path, rec)
+        reason = metadata_problem(path, rec.size or 0, rec.inode or 0, rec.mtime_ns or 0)
         bad: tuple[int, ...] = ()
         unchanged = reason is None
         if full and not (unchanged and remembered and store.index.fully_verified(rec.sha256)):
@@ -108,20 +108,20 @@ def check_model(
     return check
 
 
-def _metadata_reason(path: str, rec: FileRecord) -> str | None:
-    """The fast check (type, size, inode, mtime) of one file; runs per file at every publish,
-    so it is one lstat and a few comparisons."""
+def metadata_problem(path: str, size: int, inode: int, mtime_ns: int) -> str | None:
+    """The fast check (type, size, inode, mtime) of one file against its blob record; runs
+    per file at every publish, so it is one lstat and a few comparisons."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return "file is missing"
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
-    if st.st_size != rec.size:
-        return f"size {st.st_size} != {rec.size}"
-    if st.st_ino != rec.inode:
+    if st.st_size != size:
+        return f"size {st.st_size} != {size}"
+    if st.st_ino != inode:
         return "inode changed (file replaced)"
-    if st.st_mtime_ns != rec.mtime_ns:
+    if st.st_mtime_ns != mtime_ns:
         return "mtime changed (file rewritten)"
     return None
 

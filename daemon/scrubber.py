@@ -1,0 +1,212 @@
+"""The scrubber: re-hash everything the store holds, forever, least recently verified first.
+
+Each held blob that a ready model uses is read chunk by chunk (with O_DIRECT where the
+filesystem allows, so the scrub neither evicts the page cache that pods are reading from nor is
+fooled by a clean cached copy of a rotten disk block) and each chunk's xxh3 is compared with the
+one recorded when the file was downloaded. The tree entries that name the blob get the fast
+check too (a file replaced behind the store's back). Reads go through a token bucket of
+``bytes_per_s`` so serving pods keep the disk.
+
+On a mismatch the file is quarantined, every model using it turns corrupt (new mounts refused,
+naming the file) and a repair starts: only the damaged chunks are fetched again where the source
+serves ranges. Existing mounts are left alone: unmounting under a running pod would break it,
+while removing the file from the tree already stops any new open of the bad bytes, and most
+inference servers have read their weights into GPU memory long before.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from weightcache.daemon.config import ScrubConfig
+from weightcache.daemon.hashing import chunk_xxh3
+from weightcache.daemon.ratelimit import RateLimiter
+from weightcache.daemon.store.index import BlobRow
+from weightcache.daemon.store.store import Store
+from weightcache.daemon.store.verify import Problem, metadata_problem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScrubPass:
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    problems: list[Problem] = field(default_factory=list)
+    complete: bool = True
+    """False when the pass was stopped part-way."""
+
+
+@dataclass
+class ScrubStats:
+    """What the metrics read: plain counters, updated by the scrubber thread only."""
+
+    bytes_verified: int = 0
+    failures: int = 0
+    passes: int = 0
+    last_pass_seconds: float = 0.0
+    last_pass_files: int = 0
+
+
+class Scrubber:
+    def __init__(
+        self,
+        store: Store,
+        repair: Callable[[str], object],
+        config: ScrubConfig,
+        *,
+        stop: threading.Event,
+        on_damage: Callable[[Problem], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._repair = repair  # starts the repair of a model (Fetcher.repair_async)
+        self._config = config
+        self._stop = stop
+        self._on_damage = on_damage
+        self._clock = clock
+        self._limiter = RateLimiter(config.bytes_per_s, stop, clock=clock)
+        self.stats = ScrubStats()
+        self._done = threading.Condition()
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._guarded, name="scrubber", daemon=True)
+        thread.start()
+        return thread
+
+    def _guarded(self) -> None:
+        try:
+            self.run()
+        except BaseException:
+            log.exception("the scrubber stopped unexpectedly")
+            raise
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            result = self.scrub_pass()
+            if result.files == 0:
+                self._stop.wait(self._config.idle_s)
+
+    def wait_for_passes(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` passes have completed; False on timeout."""
+        with self._done:
+            return self._done.wait_for(lambda: self.stats.passes >= count, timeout)
+
+    def scrub_pass(self) -> ScrubPass:
+        """One pass over every held blob, least recently verified first."""
+        result = ScrubPass()
+        started = self._clock()
+        for sha, users in self._store.scrub_order():
+            if self._stop.is_set():
+                result.complete = False
+                break
+            blob = self._store.blob_row(sha)
+            if blob is None or blob.state != "ok":
+                continue  # quarantined meanwhile
+            result.files += 1
+            problems = self._check(blob, users)
+            result.bytes += blob.size if not problems else 0
+            result.problems += problems
+        result.seconds = self._clock() - started
+        if result.complete:
+            with self._done:
+                self.stats.passes += 1
+                self.stats.last_pass_seconds = result.seconds
+                self.stats.last_pass_files = result.files
+                self._done.notify_all()
+            if result.files:
+                log.info(
+                    "scrub pass: %d files, %d bytes in %.1fs (%.0f MB/s), %d problem(s)",
+                    result.files,
+                    result.bytes,
+                    result.seconds,
+                    result.bytes / 1e6 / result.seconds if result.seconds else 0.0,
+                    len(result.problems),
+                )
+        return result
+
+    def _check(self, blob: BlobRow, users: list[tuple[str, str]]) -> list[Problem]:
+        problems = []
+        bad = self._hash(blob)
+        if bad is None:
+            return []  # the blob vanished under us (evicted): nothing to judge
+        if bad:
+            reason = f"content differs in {len(bad)} chunk(s)"
+            problems = [Problem(model, path, blob.sha256, reason, bad) for model, path in users]
+        else:
+            self._store.record_verification(blob.sha256, "full", True, "scrub")
+            for model, path in users:
+                reason_fast = metadata_problem(
+                    str(self._store.model_path(model) / path), blob.size, blob.inode, blob.mtime_ns
+                )
+                if reason_fast is not None:
+                    problems.append(Problem(model, path, blob.sha256, reason_fast))
+        for problem in problems:
+            self._damaged(problem)
+        return problems
+
+    def _hash(self, blob: BlobRow) -> tuple[int, ...] | None:
+        """Indices of the chunks whose xxh3 differs (a short file's missing tail included), or
+        None if the blob file is gone."""
+        path = self._store.blob_path(blob.sha256)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            fd = os.open(path, os.O_RDONLY)  # tmpfs and friends: no O_DIRECT
+        bad = []
+        buf = mmap.mmap(-1, blob.chunk_size)  # page-aligned, as O_DIRECT needs
+        view = memoryview(buf)
+        try:
+            for i in range(len(blob.chunks) // 16):
+                if self._stop.is_set():
+                    break
+                length = min(blob.chunk_size, blob.size - i * blob.chunk_size)
+                self._limiter.consume(length)
+                n = _pread_into(fd, view, i * blob.chunk_size)
+                self.stats.bytes_verified += n
+                if n != length or chunk_xxh3(view[:n]) != blob.chunks[i * 16 : (i + 1) * 16]:
+                    bad.append(i)
+        finally:
+            view.release()
+            buf.close()
+            os.close(fd)
+        return tuple(bad)
+
+    def _damaged(self, problem: Problem) -> None:
+        self.stats.failures += 1
+        log.warning(
+            "scrub: model %s file %s: %s; quarantined, repairing",
+            problem.model,
+            problem.path,
+            problem.reason,
+        )
+        self._store.quarantine(problem.model, problem.path, problem.sha256, problem.reason)
+        self._repair(problem.model)
+        if self._on_damage is not None:
+            try:
+                self._on_damage(problem)
+            except Exception:
+                log.exception("reporting the damage failed")
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset`` until it is full or the file ends; bytes read."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got

@@ -1,0 +1,223 @@
+"""The scrubber against real damage on a real store: flipped bytes, a truncated file, a file
+replaced behind the store's back, a deleted file, and a source that is gone when the repair is
+needed. Repairs fetch only the damaged chunks (counted at the proxy in front of the registry)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from csi_harness import NodeHarness, publish, serving_node
+from helpers import PART, make_config, read_tree
+
+from weightcache.daemon.config import ScrubConfig
+from weightcache.daemon.kube.client import KubeClient
+from weightcache.daemon.node_agent import _node_event_poster
+from weightcache.daemon.references import parse_reference
+from weightcache.daemon.scrubber import Scrubber
+from weightcache.daemon.store.store import CORRUPT, READY
+from weightcache.daemon.store.verify import check_model
+from weightcache.testing.fake_kube import node, run_fake_kube
+from weightcache.testing.faultproxy import FaultProxy
+from weightcache.testing.models import ModelPublisher, sample_model, write_files
+
+SHARD = 3 * PART + 1000  # four chunks, the last one short
+
+
+def _flip(path: Path, offset: int) -> None:
+    """Bit rot: one byte changes; inode, size and mtime do not."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x5A]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _scrubber(h: NodeHarness, repairs: list[str], **kw: object) -> Scrubber:
+    """A scrubber that records the repairs it asks for: the test starts them when it has
+    checked the state in between."""
+    return Scrubber(
+        h.store,
+        repairs.append,
+        ScrubConfig(bytes_per_s=0),
+        stop=threading.Event(),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def _refused(h: NodeHarness, ref: str, target: Path) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await h.stub.NodePublishVolume(publish(ref, target, fetch="CachedOnly"))
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    return exc.value.details() or ""
+
+
+@pytest.fixture
+def oras_model(
+    proxy: FaultProxy, publisher: ModelPublisher, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    files = sample_model(31, shard_bytes=SHARD, shards=3)
+    repo = f"scrub/{request.node.name.split('[')[0].replace('_', '-')}"
+    publisher.oras(repo, "v1", files)
+    yield f"oci://{proxy.host}/{repo}:v1", files
+
+
+def test_flipped_bytes_are_found_in_one_pass_refused_and_repaired_by_range(
+    tmp_path: Path, proxy: FaultProxy, oras_model: tuple[str, dict[str, bytes]]
+) -> None:
+    ref, files = oras_model
+    rng = random.Random(5)
+    shards = sorted(p for p in files if p.endswith(".safetensors"))
+    victims = {p: rng.randrange(len(files[p])) for p in rng.sample(shards, 2)}
+
+    async def main() -> None:
+        async with serving_node(tmp_path, make_config(tmp_path / "store")) as h:
+            row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
+            tree = h.store.model_path(row.digest)
+            for rel, offset in victims.items():
+                _flip(tree / rel, offset)
+            proxy.state.reset()
+            repairs: list[str] = []
+            scrubber = _scrubber(h, repairs)
+            result = await asyncio.to_thread(scrubber.scrub_pass)
+            assert {(p.path, p.bad_chunks) for p in result.problems} == {
+                (rel, (offset // PART,)) for rel, offset in victims.items()
+            }
+            assert scrubber.stats.failures == 2 and scrubber.stats.passes == 1
+            assert repairs == [row.digest, row.digest]
+            # Refused, naming the file, until repaired.
+            msg = await _refused(h, ref, tmp_path / "early")
+            assert any(rel in msg for rel in victims)
+            healed = await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
+            assert healed.state == READY
+            assert read_tree(h.store.model_path(row.digest)) == files
+            # Only the two damaged chunks crossed the network.
+            assert proxy.state.blob_bytes_relayed == 2 * PART
+            assert h.fetcher.repaired_bytes == 2 * PART
+            await h.stub.NodePublishVolume(publish(ref, tmp_path / "t"))
+            assert read_tree(tmp_path / "t") == files
+            # The next pass finds nothing, and starts with what was verified longest ago.
+            order = [sha for sha, _ in h.store.scrub_order()]
+            stamps = [h.store.blob_row(sha).verified_at for sha in order]  # type: ignore[union-attr]
+            assert len(order) == len(files) and stamps == sorted(stamps)
+            again = await asyncio.to_thread(scrubber.scrub_pass)
+            assert again.problems == [] and again.files == len(files)
+
+    asyncio.run(main())
+
+
+def test_a_truncated_file_fetches_only_its_tail(
+    tmp_path: Path, proxy: FaultProxy, oras_model: tuple[str, dict[str, bytes]]
+) -> None:
+    ref, files = oras_model
+    victim = sorted(p for p in files if p.endswith(".safetensors"))[0]
+
+    async def main() -> None:
+        async with serving_node(tmp_path, make_config(tmp_path / "store")) as h:
+            row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
+            os.truncate(h.store.model_path(row.digest) / victim, 2 * PART)
+            proxy.state.reset()
+            result = await asyncio.to_thread(_scrubber(h, []).scrub_pass)
+            assert [(p.path, p.bad_chunks) for p in result.problems] == [(victim, (2, 3))]
+            await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
+            assert read_tree(h.store.model_path(row.digest)) == files
+            assert proxy.state.blob_bytes_relayed == SHARD - 2 * PART
+
+    asyncio.run(main())
+
+
+def test_replaced_and_deleted_files(tmp_path: Path) -> None:
+    files = sample_model(32, shard_bytes=SHARD, shards=2)
+    ref = f"file://{write_files(tmp_path / 'src', files)}"
+    replaced, deleted = sorted(p for p in files if p.endswith(".safetensors"))
+
+    async def main() -> None:
+        async with serving_node(tmp_path, make_config(tmp_path / "store")) as h:
+            row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
+            tree = h.store.model_path(row.digest)
+            # Another file of the same size and mtime moved over the original: a new inode.
+            st = os.stat(tree / replaced)
+            impostor = tmp_path / "impostor"
+            impostor.write_bytes(bytes(len(files[replaced])))
+            os.utime(impostor, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.chmod(tree / Path(replaced).parent, 0o755)
+            os.replace(impostor, tree / replaced)
+            os.chmod(tree / Path(replaced).parent, 0o555)
+            fast = check_model(h.store, row.digest, full=False, quarantine=False)
+            assert [(p.path, p.reason) for p in fast.problems] == [
+                (replaced, "inode changed (file replaced)")
+            ]
+            full = check_model(h.store, row.digest, full=True, quarantine=False)
+            assert [p.path for p in full.problems] == [replaced]
+            assert "content differs" in full.problems[0].reason
+            # Both modes catch a replacement; only full (and the scrubber) catch rot in place.
+            os.chmod(tree, 0o755)
+            os.unlink(tree / deleted)
+            os.chmod(tree, 0o555)
+            result = await asyncio.to_thread(_scrubber(h, []).scrub_pass)
+            assert sorted((p.path, p.reason) for p in result.problems) == sorted(
+                [(deleted, "file is missing"), (replaced, "inode changed (file replaced)")]
+            )
+            msg = await _refused(h, ref, tmp_path / "t")
+            assert replaced in msg or deleted in msg
+            healed = await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
+            assert healed.state == READY and read_tree(tree) == files
+            assert h.fetcher.repaired_bytes == 0  # the blobs were intact: relinked, not fetched
+
+    asyncio.run(main())
+
+
+def test_a_source_that_is_gone_leaves_the_model_corrupt_with_the_reason(tmp_path: Path) -> None:
+    files = sample_model(33, shard_bytes=SHARD, shards=2)
+    src = write_files(tmp_path / "src", files)
+    ref = f"file://{src}"
+    victim = sorted(p for p in files if p.endswith(".safetensors"))[0]
+
+    async def main() -> None:
+        async with serving_node(tmp_path, make_config(tmp_path / "store")) as h:
+            row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
+            _flip(h.store.model_path(row.digest) / victim, 10)
+            os.rename(src, tmp_path / "moved-away")
+            await asyncio.to_thread(_scrubber(h, []).scrub_pass)
+            with pytest.raises(Exception) as exc:
+                await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
+            after = h.store.model(row.digest)
+            assert after is not None and after.state == CORRUPT
+            assert victim in after.error and "repair failed" in after.error
+            assert str(exc.value) in after.error
+            msg = await _refused(h, ref, tmp_path / "t")
+            assert "repair failed" in msg and victim in msg
+
+    asyncio.run(main())
+
+
+def test_damage_is_reported_as_an_event_on_the_node(tmp_path: Path) -> None:
+    files = sample_model(34, shard_bytes=SHARD, shards=1)
+    ref = f"file://{write_files(tmp_path / 'src', files)}"
+    victim = next(p for p in files if p.endswith(".safetensors"))
+
+    async def main() -> None:
+        with run_fake_kube() as kube:
+            kube.put(node("gpu-1"))
+            client = KubeClient(str(kube.kubeconfig(tmp_path)), request_timeout_s=10)
+            async with serving_node(tmp_path, make_config(tmp_path / "store")) as h:
+                row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
+                _flip(h.store.model_path(row.digest) / victim, PART + 7)
+                scrubber = _scrubber(h, [], on_damage=_node_event_poster(client, "gpu-1"))
+                await asyncio.to_thread(scrubber.scrub_pass)
+            client.close()
+            (event,) = kube.objects("Event")
+            assert event["involvedObject"]["kind"] == "Node"
+            assert event["involvedObject"]["name"] == "gpu-1"
+            assert (event["reason"], event["type"]) == ("ModelCorrupt", "Warning")
+            assert victim in event["message"] and row.digest in event["message"]
+
+    asyncio.run(main())
