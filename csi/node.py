@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections import defaultdict
 from concurrent.futures import Future
 from pathlib import Path
@@ -29,6 +30,7 @@ from weightcache.csi.mounter import Mounter, is_stale
 from weightcache.csi.volume import VolumeAttributes, parse_volume_attributes
 from weightcache.daemon.errors import FetchInProgress, ModelCorrupt, NotCached
 from weightcache.daemon.fetcher import Fetcher
+from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.policy import Policy
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.store import CORRUPT, READY, Store
@@ -47,12 +49,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         mounter: Mounter,
         policy: Policy,
         publish_wait_s: float = 2.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._node_id = node_id
         self._store = store
         self._fetcher = fetcher
         self._mounter = mounter
         self._policy = policy
+        self._metrics = metrics or Metrics()
         self._wait = publish_wait_s
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -94,14 +98,31 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         # every access mode is accepted, and the mount is read-only whatever is asked.
         attrs = parse_volume_attributes(request.volume_context)
         secrets = dict(request.secrets)
-        async with self._locks[str(target)]:
-            cached = self._store.resolve_cached(str(attrs.model))
-            await asyncio.to_thread(
-                self._policy.authorize, attrs.model, attrs.pod_namespace, secrets, cached
-            )
-            row = await self._ready_model(attrs)
-            await asyncio.to_thread(self._publish, row.digest, target, attrs)
+        started = time.perf_counter()
+        result = "error"
+        try:
+            async with self._locks[str(target)]:
+                cached = self._store.resolve_cached(str(attrs.model))
+                await asyncio.to_thread(
+                    self._policy.authorize, attrs.model, attrs.pod_namespace, secrets, cached
+                )
+                row = self._ready_row(cached)
+                hit = row is not None
+                if row is None:
+                    row = await self._ready_model(attrs)
+                await asyncio.to_thread(self._publish, row.digest, target, attrs)
+            result = "hit" if hit else "miss"
+        except (FetchInProgress, NotCached):
+            result = "miss"  # not in the cache: a fetch was started or joined, or is forbidden
+            raise
+        finally:
+            self._metrics.publish.labels(result).inc()
+            self._metrics.publish_duration.observe(time.perf_counter() - started)
         return csi_pb2.NodePublishVolumeResponse()
+
+    def _ready_row(self, digest: str | None) -> ModelRow | None:
+        row = self._store.model(digest) if digest else None
+        return row if row is not None and row.state == READY else None
 
     async def _ready_model(self, attrs: VolumeAttributes) -> ModelRow:
         ref = str(attrs.model)
@@ -110,7 +131,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if row is not None and row.state == READY:
             return row
         if row is not None and row.state == CORRUPT:
-            self._repair(attrs)
+            self._repair(attrs, row.digest)
             raise ModelCorrupt(
                 f"model {ref} ({row.digest}) failed a re-check: {row.error}; "
                 "it is refused until it is repaired"
@@ -134,11 +155,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             f"{progress.total} bytes ({pct:.0f}%), {progress.rate / 1e6:.0f} MB/s{eta}{last}"
         )
 
-    def _repair(self, attrs: VolumeAttributes) -> None:
-        """Start (or join) the re-fetch that heals a corrupt model, unless the volume forbids
-        fetching on demand."""
+    def _repair(self, attrs: VolumeAttributes, digest: str) -> None:
+        """Start (or join) the repair of a corrupt model, unless the volume forbids fetching
+        on demand."""
         if attrs.fetch == "IfNotCached":
-            self._fetcher.warm_async(attrs.model)
+            self._fetcher.repair_async(digest)
 
     def _publish(self, digest: str, target: Path, attrs: VolumeAttributes) -> None:
         mounted = str(target) in self._mounter.mounts()
@@ -152,8 +173,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if mounted:
             raise AlreadyExists(f"{target} already holds another volume ({sorted(pins)})")
         check = check_model(self._store, digest, full=attrs.verify == "full", remembered=True)
+        self._metrics.verify_bytes.inc(check.bytes_hashed)
+        self._metrics.verify_failures.inc(len(check.problems))
         if check.problems:
-            self._repair(attrs)
+            self._repair(attrs, digest)
             first = check.problems[0]
             raise ModelCorrupt(
                 f"model {attrs.model} ({digest}) failed its {attrs.verify} check before "

@@ -76,6 +76,7 @@ def _node(args: argparse.Namespace) -> int:
             node_id,
             kube=not args.no_kube,
             kubeconfig=args.kubeconfig,
+            metrics_address=args.metrics_address or None,
         )
     )
     return EXIT_OK

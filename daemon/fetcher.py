@@ -36,6 +36,7 @@ from weightcache.daemon.errors import (
     WeightcacheError,
 )
 from weightcache.daemon.hashing import Fingerprint, StreamHasher, chunk_xxh3
+from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.plan import ModelPlan, RemoteArchive, RemoteFile
 from weightcache.daemon.ratelimit import RateLimiter
 from weightcache.daemon.references import ModelRef, OciRef, parse_reference
@@ -90,6 +91,19 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+def failure_reason(exc: BaseException) -> str:
+    """A short stable label for a failed fetch."""
+    if isinstance(exc, SourceError):
+        return exc.reason
+    if isinstance(exc, InsufficientSpace):
+        return "no_space"
+    if isinstance(exc, DigestMismatch):
+        return "digest"
+    if isinstance(exc, WeightcacheError):
+        return "invalid"
+    return "io"
+
+
 def _space_needed(todo: list[RemoteFile | RemoteArchive]) -> int:
     """Bytes the items will take in the store; compressed layers may expand."""
     return sum(
@@ -110,8 +124,10 @@ class Fetcher:
         *,
         stop: threading.Event | None = None,
         on_progress: ProgressCallback | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.sources = sources
         self.config = config
         self.stop = stop or threading.Event()
@@ -266,6 +282,7 @@ class Fetcher:
                 log.info("model %s restored: a blob it shares was fetched again", other)
             row = store.model(plan.digest)
             assert row is not None
+            self.metrics.fetch_duration.observe(time.monotonic() - progress.started)
             log.info(
                 "model %s ready: %d bytes in %.2fs",
                 plan.digest,
@@ -276,6 +293,7 @@ class Fetcher:
         except WeightcacheError as exc:
             progress.last_error = str(exc)
             store.fail(plan.digest, str(exc))
+            self.metrics.fetch_failures.labels(failure_reason(exc)).inc()
             raise
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -286,9 +304,11 @@ class Fetcher:
                     store.fail(plan.digest, msg)
                 except sqlite3.Error as db_exc:
                     log.error("%s; the index could not record it either: %s", msg, db_exc)
+                self.metrics.fetch_failures.labels("no_space").inc()
                 raise InsufficientSpace(msg) from exc
             progress.last_error = str(exc)
             store.fail(plan.digest, str(exc))
+            self.metrics.fetch_failures.labels("io").inc()
             raise
         finally:
             self._report(progress, final=True)
@@ -375,12 +395,14 @@ class Fetcher:
     ) -> None:
         """Fill ``view`` from ``start`` of one object, within the bandwidth cap, with retries."""
         source = self.sources.for_ref(plan.ref)
+        fetched = self.metrics.fetch_bytes.labels(plan.ref.scheme)
 
         def attempt() -> None:
             if stop.is_set() or self.stop.is_set():
                 raise InterruptedError("fetch cancelled")
             self._limiter.consume(len(view))
             source.read_into(plan.ref, locator, version, start, view)
+            fetched.inc(len(view))
 
         def note(exc: Exception) -> None:
             progress.last_error = str(exc)
@@ -502,6 +524,7 @@ class Fetcher:
             tmp.unlink(missing_ok=True)
         progress.add(size)
         self.repaired_bytes += fetched
+        self.metrics.repair_bytes.inc(fetched)
         log.info(
             "%s: %s repaired by range: %d of %d bytes fetched", plan.ref, item.path, fetched, size
         )

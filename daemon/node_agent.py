@@ -22,6 +22,7 @@ from weightcache.daemon.config import Config
 from weightcache.daemon.kube.client import KubeClient
 from weightcache.daemon.kube.events import NODE_EVENT_NAMESPACE, event_body
 from weightcache.daemon.kube.warm import WarmController
+from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import Problem
@@ -38,17 +39,22 @@ async def run_node(
     *,
     kube: bool = False,
     kubeconfig: str | None = None,
+    metrics_address: str | None = None,
 ) -> None:
     """Serve until SIGTERM. With ``kube``, also run the warm controller against the API server
-    named by ``kubeconfig`` (or the in-cluster service account when None)."""
+    named by ``kubeconfig`` (or the in-cluster service account when None). With
+    ``metrics_address`` (HOST:PORT), serve Prometheus metrics there."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ready = False
     store = await asyncio.to_thread(Store, config.store)
-    fetcher = build_fetcher(config, store)
-    node = NodeService(node_id, store, fetcher, SystemMounter(), build_policy(config))
+    metrics = Metrics()
+    fetcher = build_fetcher(config, store, metrics=metrics)
+    node = NodeService(
+        node_id, store, fetcher, SystemMounter(), build_policy(config), metrics=metrics
+    )
     identity = IdentityService(lambda: ready)
     server = await start_node_server(endpoint, identity, node)
     warm: WarmController | None = None
@@ -59,11 +65,25 @@ async def run_node(
             warm = WarmController(node_id, client, store, fetcher, config.warm)
             warm.start()
             log.info("warm controller watching workloads for node %s", node_id)
+        scrubber = None
         if config.scrub.enabled:
-            on_damage = _node_event_poster(client, node_id) if client is not None else None
-            Scrubber(
-                store, fetcher.repair_async, config.scrub, stop=background, on_damage=on_damage
-            ).start()
+            scrubber = Scrubber(
+                store,
+                fetcher.repair_async,
+                config.scrub,
+                stop=background,
+                on_damage=_node_event_poster(client, node_id) if client is not None else None,
+                metrics=metrics,
+            )
+            scrubber.start()
+        metrics.watch(
+            store,
+            scrub=scrubber.stats if scrubber is not None else None,
+            warm_requests=warm.request_states if warm is not None else None,
+        )
+        if metrics_address:
+            metrics.serve(metrics_address)
+            log.info("metrics on http://%s/metrics", metrics_address)
         dropped = await asyncio.to_thread(node.reconcile)
         for target in dropped:
             log.info("dropped the pin of %s: its mount is gone", target)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from weightcache.daemon.config import ScrubConfig
 from weightcache.daemon.hashing import chunk_xxh3
+from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.ratelimit import RateLimiter
 from weightcache.daemon.store.index import BlobRow
 from weightcache.daemon.store.store import Store
@@ -66,6 +67,7 @@ class Scrubber:
         stop: threading.Event,
         on_damage: Callable[[Problem], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._repair = repair  # starts the repair of a model (Fetcher.repair_async)
@@ -75,6 +77,7 @@ class Scrubber:
         self._clock = clock
         self._limiter = RateLimiter(config.bytes_per_s, stop, clock=clock)
         self.stats = ScrubStats()
+        self._metrics = metrics or Metrics()
         self._done = threading.Condition()
 
     def start(self) -> threading.Thread:
@@ -176,6 +179,7 @@ class Scrubber:
                 self._limiter.consume(length)
                 n = _pread_into(fd, view, i * blob.chunk_size)
                 self.stats.bytes_verified += n
+                self._metrics.verify_bytes.inc(n)
                 if n != length or chunk_xxh3(view[:n]) != blob.chunks[i * 16 : (i + 1) * 16]:
                     bad.append(i)
         finally:
@@ -186,6 +190,7 @@ class Scrubber:
 
     def _damaged(self, problem: Problem) -> None:
         self.stats.failures += 1
+        self._metrics.verify_failures.inc()
         log.warning(
             "scrub: model %s file %s: %s; quarantined, repairing",
             problem.model,

@@ -7,6 +7,7 @@ from typing import Any
 
 from weightcache.daemon.config import Config
 from weightcache.daemon.fetcher import Fetcher, ProgressCallback
+from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.policy import Policy
 from weightcache.daemon.sources import Sources
 from weightcache.daemon.sources.local import LocalSource
@@ -50,6 +51,7 @@ def build_fetcher(
     *,
     stop: threading.Event | None = None,
     on_progress: ProgressCallback | None = None,
+    metrics: Metrics | None = None,
 ) -> Fetcher:
     return Fetcher(
         store or Store(config.store),
@@ -57,6 +59,7 @@ def build_fetcher(
         config.fetch,
         stop=stop,
         on_progress=on_progress,
+        metrics=metrics,
     )
 
 

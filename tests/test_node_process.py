@@ -7,6 +7,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from weightcache.proto import csi_pb2, csi_pb2_grpc
 from weightcache.testing.fake_kube import deployment, run_fake_kube
 from weightcache.testing.fake_kube import node as fake_node
 from weightcache.testing.models import sample_model, write_files
+from weightcache.testing.services import free_port
 
 CAP = csi_pb2.VolumeCapability(
     mount=csi_pb2.VolumeCapability.MountVolume(),
@@ -30,10 +32,23 @@ CAP = csi_pb2.VolumeCapability(
 )
 
 
-def _start(store: Path, endpoint: str) -> subprocess.Popen[str]:
+def _start(store: Path, endpoint: str, metrics_port: int) -> subprocess.Popen[str]:
     return _spawn(
-        "node", "--no-kube", "--node-name", "n1", "--store", str(store), "--csi-endpoint", endpoint
+        *("node", "--no-kube", "--node-name", "n1", "--store", str(store)),
+        *("--csi-endpoint", endpoint, "--metrics-address", f"127.0.0.1:{metrics_port}"),
     )
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The node's /metrics, over HTTP, as {series: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            series[name] = float(value)
+    return series
 
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
@@ -90,12 +105,19 @@ def test_node_restart_keeps_mounts_and_reconciles_pins(tmp_path: Path) -> None:
     endpoint = f"unix://{tmp_path}/csi/csi.sock"
     target = tmp_path / "pods" / "p" / "model"
     mounter = SystemMounter()
-    proc = _start(store_dir, endpoint)
+    port = free_port()
+    proc = _start(store_dir, endpoint, port)
     try:
         _until_serving(proc)
         info, ready = asyncio.run(_identity(endpoint))
         assert info.name == "csi.weightcache.io" and ready
         asyncio.run(_publish(endpoint, ref, target))
+        metrics = _scrape(port)
+        assert metrics["weightcache_mounts"] == 1
+        assert metrics['weightcache_publish_total{result="hit"}'] == 1
+        assert metrics["weightcache_publish_duration_seconds_count"] == 1
+        assert metrics['weightcache_models{state="ready"}'] == 1
+        assert metrics['weightcache_store_bytes{state="ready"}'] == sum(map(len, files.values()))
         _stop(proc)
         # The agent is down; the pod still reads its model.
         assert (target / "config.json").read_bytes() == files["config.json"]
@@ -104,7 +126,7 @@ def test_node_restart_keeps_mounts_and_reconciles_pins(tmp_path: Path) -> None:
         (digest,) = {m for m, _, _ in store.pins()}
         store.pin(digest, "mount", str(tmp_path / "gone"))
         store.close()
-        proc = _start(store_dir, endpoint)
+        proc = _start(store_dir, endpoint, port)
         logged = _until_serving(proc)
         assert "dropped the pin of" in logged and "gone" in logged
         assert asyncio.run(_identity(endpoint))[1]
@@ -152,6 +174,7 @@ def test_controller_process_serves_identity_and_controller(tmp_path: Path) -> No
 def test_node_process_warms_what_the_cluster_asks_for(tmp_path: Path) -> None:
     ref = f"file://{write_files(tmp_path / 'src', sample_model(82))}"
     key = label_key(parse_reference(ref))
+    port = free_port()
     with run_fake_kube() as kube:
         kube.put(fake_node("gpu-1"))
         kube.put(deployment("llama", "team-a", annotations={WARM_ANNOTATION: ref}))
@@ -165,6 +188,8 @@ def test_node_process_warms_what_the_cluster_asks_for(tmp_path: Path) -> None:
             str(tmp_path / "store"),
             "--csi-endpoint",
             f"unix://{tmp_path}/csi.sock",
+            "--metrics-address",
+            f"127.0.0.1:{port}",
         )
         try:
             logged = _until_serving(proc)
@@ -175,6 +200,10 @@ def test_node_process_warms_what_the_cluster_asks_for(tmp_path: Path) -> None:
             assert labelled, "the node was never labelled"
             reasons = [e["reason"] for e in kube.objects("Event")]
             assert "WarmReady" in reasons
+            metrics = _scrape(port)
+            assert metrics['weightcache_warm_requests{state="ready"}'] == 1
+            assert metrics['weightcache_fetch_bytes_total{source="file"}'] > 0
+            assert metrics["weightcache_fetch_duration_seconds_count"] == 1
             _stop(proc)
         finally:
             if proc.poll() is None:

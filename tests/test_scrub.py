@@ -18,6 +18,7 @@ from helpers import PART, make_config, read_tree
 
 from weightcache.daemon.config import ScrubConfig
 from weightcache.daemon.kube.client import KubeClient
+from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.node_agent import _node_event_poster
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.scrubber import Scrubber
@@ -86,12 +87,18 @@ def test_flipped_bytes_are_found_in_one_pass_refused_and_repaired_by_range(
                 _flip(tree / rel, offset)
             proxy.state.reset()
             repairs: list[str] = []
-            scrubber = _scrubber(h, repairs)
+            metrics = Metrics()
+            metrics.watch(h.store, scrub=None)
+            scrubber = _scrubber(h, repairs, metrics=metrics)
             result = await asyncio.to_thread(scrubber.scrub_pass)
             assert {(p.path, p.bad_chunks) for p in result.problems} == {
                 (rel, (offset // PART,)) for rel, offset in victims.items()
             }
             assert scrubber.stats.failures == 2 and scrubber.stats.passes == 1
+            value = metrics.registry.get_sample_value
+            assert value("weightcache_verify_failures_total") == 2
+            assert value("weightcache_models", {"state": "corrupt"}) == 1
+            assert value("weightcache_verify_bytes_total") == sum(map(len, files.values()))
             assert repairs == [row.digest, row.digest]
             # Refused, naming the file, until repaired.
             msg = await _refused(h, ref, tmp_path / "early")

@@ -102,6 +102,7 @@ class WarmController:
         self._announced_invalid: set[tuple[str, str]] = set()
         self.passes = 0
         """Completed reconcile passes."""
+        self._request_states: dict[str, int] = {}
         self._settled = threading.Condition()
         self.last_error = ""
         self.informers = {kind: self._workload_informer(kind) for kind in WORKLOAD_KINDS}
@@ -143,6 +144,10 @@ class WarmController:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def request_states(self) -> dict[str, int]:
+        """Wanted models by state (ready, fetching, failed), as of the last pass."""
+        return dict(self._request_states)
 
     def wake(self) -> None:
         self._wake.set()
@@ -200,6 +205,19 @@ class WarmController:
                 self._announce_ready(want, row)
             else:
                 self._ensure_fetch(key, want)
+        failed = sum(
+            1
+            for key in wanted
+            if key not in ready
+            and (a := self._attempts.get(key)) is not None
+            and a.future.done()
+            and a.error is not None
+        )
+        self._request_states = {
+            "ready": len(ready),
+            "failed": failed,
+            "fetching": len(wanted) - len(ready) - failed,
+        }
         self._sync_pins(wanted, holders, ready)
         self._sync_labels(node, wanted)
         # Forget what concerns workloads and references no longer wanted here.

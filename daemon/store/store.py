@@ -67,6 +67,8 @@ class Store:
         self.layout.create()
         self._lock_fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT, 0o600)
         self.index = Index(self.layout.index)
+        self.evictions = 0
+        """Models this process evicted (a counter for the metrics)."""
         with self.locked():
             self._reconcile()
 
@@ -381,6 +383,7 @@ class Store:
 
     def _evict(self, digest: str) -> None:
         log.info("evicting model %s", digest)
+        self.evictions += 1
         with self.index.tx() as c:
             c.execute("DELETE FROM model_files WHERE model = ?", (digest,))
             c.execute("DELETE FROM models WHERE digest = ?", (digest,))
