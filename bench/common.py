@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,20 +115,30 @@ def peer_bin(name: str) -> str:
     return found
 
 
-def table(title: str, ours: Result, others: Sequence[Result]) -> str:
+def table(
+    title: str,
+    ours: Result,
+    others: Sequence[Result],
+    *,
+    baseline: Result | None = None,
+    ratio_header: str = "weightcache / it",
+) -> str:
+    """Rows side by side. The ratio column is ours' rate over each row's, or with ``baseline``
+    each row's rate over the baseline's. A peak RSS of 0 (not measured) shows as ``-``."""
     lines = [title, ""]
     lines.append(
-        f"| {'contender':44} | {'seconds':>8} | {'MB/s':>8} | {'weightcache / it':>16} "
+        f"| {'contender':44} | {'seconds':>8} | {'MB/s':>8} | {ratio_header:>16} "
         f"| {'peak RSS MB':>11} |"
     )
     lines.append(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 18}|{'-' * 13}|")
     for r in [ours, *others]:
-        ratio = ours.mb_s / r.mb_s if r.mb_s else 0.0
+        if baseline is None:
+            ratio = ours.mb_s / r.mb_s if r.mb_s else 0.0
+        else:
+            ratio = r.mb_s / baseline.mb_s if baseline.mb_s else 0.0
         label = r.name + (f" ({r.note})" if r.note else "")
-        lines.append(
-            f"| {label:44} | {r.seconds:8.2f} | {r.mb_s:8.0f} | {ratio:15.2f}x "
-            f"| {r.peak_rss / MB:11.0f} |"
-        )
+        rss = f"{r.peak_rss / MB:11.0f}" if r.peak_rss else f"{'-':>11}"
+        lines.append(f"| {label:44} | {r.seconds:8.2f} | {r.mb_s:8.0f} | {ratio:15.2f}x | {rss} |")
     return "\n".join(lines)
 
 
@@ -136,13 +146,31 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def report(title: str, ours: Result, others: Sequence[Result], as_json: bool) -> None:
-    """Print the table on stderr and, if asked, every result as JSON on stdout."""
-    print(table(title, ours, others), file=sys.stderr)
+def report(
+    title: str,
+    ours: Result,
+    others: Sequence[Result],
+    as_json: bool,
+    *,
+    baseline: Result | None = None,
+    ratio_header: str = "weightcache / it",
+    extra: Mapping[str, Mapping[str, object]] | None = None,
+) -> None:
+    """Print the table on stderr and, if asked, every result as JSON on stdout (with the
+    ``extra`` fields of a row, keyed by its name, merged in)."""
+    print(table(title, ours, others, baseline=baseline, ratio_header=ratio_header), file=sys.stderr)
     if as_json:
         import json
 
-        print(json.dumps([r.__dict__ | {"mb_s": r.mb_s} for r in [ours, *others]]))
+        extra = extra or {}
+        print(
+            json.dumps(
+                [
+                    r.__dict__ | {"mb_s": r.mb_s} | dict(extra.get(r.name, {}))
+                    for r in [ours, *others]
+                ]
+            )
+        )
 
 
 def fetch_arguments(doc: str | None) -> argparse.Namespace:

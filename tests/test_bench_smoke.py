@@ -87,3 +87,29 @@ def test_publish_latency_smoke(tmp_path: Path) -> None:
     mounted = Path("/proc/self/mountinfo").read_text()
     assert str(tmp_path) not in mounted
     assert list(tmp_path.iterdir()) == []  # the bench's temp dir is gone
+
+
+@pytest.mark.bench
+def test_scrub_smoke(tmp_path: Path) -> None:
+    rows, table = _bench(
+        "scrub.py",
+        *("--gib", "0.03", "--files", "3", "--cap-mib", "20"),
+        "--workdir",
+        str(tmp_path),
+    )
+    assert isinstance(rows, list)
+    by_name = {r["name"]: r for r in rows}
+    assert list(by_name) == [
+        "cat > /dev/null",
+        "dd bs=16M iflag=direct",
+        "weightcache scrub, no cap",
+        "weightcache scrub, capped",
+    ]
+    nbytes = int(0.03 * 1024**3)
+    for r in rows:
+        assert r["nbytes"] == nbytes and r["seconds"] > 0 and r["mb_s"] > 0
+    capped = by_name["weightcache scrub, capped"]
+    assert 0 < capped["cap_bytes_per_s"] <= 20 * 1024**2
+    assert isinstance(capped["within_10pct"], bool)
+    assert "it / cat" in table and ("PASS" in table or "MISS" in table)
+    assert list(tmp_path.iterdir()) == []  # the bench's temp dir is gone
