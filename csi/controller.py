@@ -73,7 +73,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise OutOfRange(
                 f"model {attrs.model} holds {size} bytes, more than the limit of {limit} bytes"
             )
-        capacity = size if size is not None else required or limit
+        # At least what was asked (the provisioner refuses a smaller volume), and the model's
+        # size when that is more: the number is informational, the node mounts the whole model.
+        capacity = max(size or 0, required) or limit
         return csi_pb2.CreateVolumeResponse(
             volume=csi_pb2.Volume(
                 volume_id=volume_id, capacity_bytes=capacity, volume_context=volume_context

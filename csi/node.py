@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections import defaultdict
+from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -58,7 +58,23 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._policy = policy
         self._metrics = metrics or Metrics()
         self._wait = publish_wait_s
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def _serialized(self, target: Path) -> AsyncIterator[None]:
+        """One call at a time per target path; a lock lives only while someone holds or waits
+        for it, so a node that has served a million pods keeps no million locks."""
+        key = str(target)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._lock_users[key] = self._lock_users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[key] -= 1
+            if not self._lock_users[key]:
+                del self._lock_users[key], self._locks[key]
 
     def reconcile(self) -> list[str]:
         """On start: drop mount pins whose mount is gone (a reboot, a manual umount). Nothing is
@@ -101,7 +117,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         started = time.perf_counter()
         result = "error"
         try:
-            async with self._locks[str(target)]:
+            async with self._serialized(target):
                 cached = self._store.resolve_cached(str(attrs.model))
                 await asyncio.to_thread(
                     self._policy.authorize, attrs.model, attrs.pod_namespace, secrets, cached
@@ -172,22 +188,29 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             return  # already published: idempotent
         if mounted:
             raise AlreadyExists(f"{target} already holds another volume ({sorted(pins)})")
-        check = check_model(self._store, digest, full=attrs.verify == "full", remembered=True)
-        self._metrics.verify_bytes.inc(check.bytes_hashed)
-        self._metrics.verify_failures.inc(len(check.problems))
-        if check.problems:
-            self._repair(attrs, digest)
-            first = check.problems[0]
-            raise ModelCorrupt(
-                f"model {attrs.model} ({digest}) failed its {attrs.verify} check before "
-                f"mounting: {first.path}: {first.reason}"
-                + (f" (and {len(check.problems) - 1} more)" if len(check.problems) > 1 else "")
-                + "; the file is quarantined and the model is being repaired"
+        # Pinned first, atomically with eviction: the tree cannot leave between the check
+        # and the bind.
+        if not self._store.pin_if_ready(digest, MOUNT_PIN, str(target)):
+            raise FetchInProgress(
+                f"model {attrs.model} ({digest}) left the cache while being published; retry"
             )
-        created = not target.exists()
-        target.mkdir(parents=True, exist_ok=True)
-        self._store.pin(digest, MOUNT_PIN, str(target))
+        created = False
         try:
+            check = check_model(self._store, digest, full=attrs.verify == "full", remembered=True)
+            self._metrics.verify_bytes.inc(check.bytes_hashed)
+            self._metrics.verify_failures.inc(len(check.problems))
+            if check.problems:
+                self._repair(attrs, digest)
+                first = check.problems[0]
+                more = len(check.problems) - 1
+                raise ModelCorrupt(
+                    f"model {attrs.model} ({digest}) failed its {attrs.verify} check before "
+                    f"mounting: {first.path}: {first.reason}"
+                    + (f" (and {more} more)" if more else "")
+                    + "; the file is quarantined and the model is being repaired"
+                )
+            created = not target.exists()
+            target.mkdir(parents=True, exist_ok=True)
             self._mounter.bind_read_only(self._store.model_path(digest), target)
         except BaseException:
             self._store.unpin(digest, MOUNT_PIN, str(target))
@@ -204,7 +227,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if not request.volume_id:
             raise InvalidArgument("volume_id is required")
         target = _target(request.target_path)
-        async with self._locks[str(target)]:
+        async with self._serialized(target):
             await asyncio.to_thread(self._unpublish, target)
         return csi_pb2.NodeUnpublishVolumeResponse()
 

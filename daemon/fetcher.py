@@ -91,6 +91,10 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+REPAIR_BACKOFF_S = 60.0
+"""How long a failed repair is answered from memory before the source is asked again."""
+
+
 def failure_reason(exc: BaseException) -> str:
     """A short stable label for a failed fetch."""
     if isinstance(exc, SourceError):
@@ -145,6 +149,7 @@ class Fetcher:
         self._inflight: dict[str, Future[ModelRow]] = {}
         self._progress: dict[str, Progress] = {}
         self._lock = threading.Lock()
+        self._repair_failures: dict[str, tuple[float, BaseException]] = {}
         self.repaired_bytes = 0
         """Bytes fetched to repair files by range (the rest of those files was kept)."""
 
@@ -166,7 +171,15 @@ class Fetcher:
     def repair_async(self, digest: str) -> Future[ModelRow]:
         """Start (or join) the repair of a corrupt model: the same content, by digest, from the
         source it came from. Files with a quarantined copy fetch only their damaged chunks.
-        If the source no longer serves that digest, the model stays corrupt, saying why."""
+        If the source no longer serves that digest, the model stays corrupt, saying why, and
+        asking again within ``REPAIR_BACKOFF_S`` returns that failure instead of retrying (the
+        kubelet retries a refused publish every few seconds)."""
+        with self._lock:
+            failed = self._repair_failures.get(digest)
+        if failed is not None and time.monotonic() - failed[0] < REPAIR_BACKOFF_S:
+            done: Future[ModelRow] = Future()
+            done.set_exception(failed[1])
+            return done
         return self._single_flight(f"repair {digest}", lambda: self._repair(digest))
 
     def _single_flight(self, key: str, work: Callable[[], ModelRow]) -> Future[ModelRow]:
@@ -231,6 +244,8 @@ class Fetcher:
         except WeightcacheError as exc:
             damage = row.error.split("; repair failed: ")[0]
             self.store.mark_corrupt(digest, f"{damage}; repair failed: {exc}")
+            with self._lock:
+                self._repair_failures[digest] = (time.monotonic(), exc)
             raise
 
     def _held(self, digest: str) -> ModelRow | None:

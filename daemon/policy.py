@@ -117,7 +117,11 @@ class Policy:
             denial = str(exc)
         with self._lock:
             if len(self._decisions) >= MAX_REMEMBERED:
-                self._decisions = {k: v for k, v in self._decisions.items() if v[0] > now}
+                live = sorted(
+                    ((k, v) for k, v in self._decisions.items() if v[0] > now),
+                    key=lambda kv: kv[1][0],
+                )
+                self._decisions = dict(live[len(live) // 2 :])  # the newer half
             self._decisions[key] = (now + self._config.credential_cache_s, denial)
         if denial is not None:
             raise PolicyDenied(denial)

@@ -22,7 +22,9 @@ import mmap
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from weightcache.daemon.config import ScrubConfig
@@ -34,6 +36,8 @@ from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import Problem, metadata_problem
 
 log = logging.getLogger(__name__)
+READ_AHEAD = 2
+"""Chunk reads in flight while one is hashed."""
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Scrubber:
         self._clock = clock
         self._limiter = RateLimiter(config.bytes_per_s, stop, clock=clock)
         self.stats = ScrubStats()
+        self._reader = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="scrub-read")
         self._metrics = metrics or Metrics()
         self._done = threading.Condition()
 
@@ -115,10 +120,18 @@ class Scrubber:
             if blob is None or blob.state != "ok":
                 continue  # quarantined meanwhile
             result.files += 1
-            problems = self._check(blob, users)
+            try:
+                problems = self._check(blob, users)
+            except OSError as exc:
+                # Evicted or quarantined under us, or the disk failing: log, go on; the
+                # next pass looks again.
+                log.warning("scrub: blob %s: %s", sha, exc)
+                continue
             result.bytes += blob.size if not problems else 0
             result.problems += problems
         result.seconds = self._clock() - started
+        if self._stop.is_set():
+            result.complete = False  # the last file may have been cut short
         if result.complete:
             with self._done:
                 self.stats.passes += 1
@@ -140,7 +153,7 @@ class Scrubber:
         problems = []
         bad = self._hash(blob)
         if bad is None:
-            return []  # the blob vanished under us (evicted): nothing to judge
+            return []  # evicted under us, or stopping: nothing to judge
         if bad:
             reason = f"content differs in {len(bad)} chunk(s)"
             problems = [Problem(model, path, blob.sha256, reason, bad) for model, path in users]
@@ -154,11 +167,15 @@ class Scrubber:
                     problems.append(Problem(model, path, blob.sha256, reason_fast))
         for problem in problems:
             self._damaged(problem)
+        # Repairs start once every user of the blob is quarantined: a repair that restored one
+        # model before the next was quarantined would have its fresh blob moved out again.
+        for model in dict.fromkeys(p.model for p in problems):
+            self._repair(model)
         return problems
 
     def _hash(self, blob: BlobRow) -> tuple[int, ...] | None:
         """Indices of the chunks whose xxh3 differs (a short file's missing tail included), or
-        None if the blob file is gone."""
+        None if the blob file is gone or the scrub was stopped before its end."""
         path = self._store.blob_path(blob.sha256)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
@@ -168,24 +185,46 @@ class Scrubber:
             if exc.errno != errno.EINVAL:
                 raise
             fd = os.open(path, os.O_RDONLY)  # tmpfs and friends: no O_DIRECT
+        chunk, count = blob.chunk_size, len(blob.chunks) // 16
+        # Page-aligned buffers (O_DIRECT needs alignment), READ_AHEAD reads in flight while a
+        # chunk is hashed: the disk sees a queue, as with the kernel's readahead for `cat`.
+        bufs = [mmap.mmap(-1, chunk) for _ in range(READ_AHEAD + 1)]
+        views = [memoryview(b) for b in bufs]
+
+        def read(i: int) -> int:
+            self._limiter.consume(min(chunk, blob.size - i * chunk))
+            return _pread_into(fd, views[i % len(views)], i * chunk)
+
         bad = []
-        buf = mmap.mmap(-1, blob.chunk_size)  # page-aligned, as O_DIRECT needs
-        view = memoryview(buf)
+        checked = 0
+        pending: deque[Future[int]] = deque()
+        queued = 0
         try:
-            for i in range(len(blob.chunks) // 16):
-                if self._stop.is_set():
-                    break
-                length = min(blob.chunk_size, blob.size - i * blob.chunk_size)
-                self._limiter.consume(length)
-                n = _pread_into(fd, view, i * blob.chunk_size)
+            while checked < count:
+                while queued < count and len(pending) < READ_AHEAD and not self._stop.is_set():
+                    pending.append(self._reader.submit(read, queued))
+                    queued += 1
+                if not pending:
+                    break  # stopping
+                n = pending.popleft().result()
+                i = checked
+                length = min(chunk, blob.size - i * chunk)
                 self.stats.bytes_verified += n
                 self._metrics.verify_bytes.inc(n)
-                if n != length or chunk_xxh3(view[:n]) != blob.chunks[i * 16 : (i + 1) * 16]:
+                digest = chunk_xxh3(views[i % len(views)][:n])
+                if n != length or digest != blob.chunks[i * 16 : (i + 1) * 16]:
                     bad.append(i)
+                checked += 1
         finally:
-            view.release()
-            buf.close()
+            for fut in pending:
+                fut.result()  # never close the fd or buffers under a read in flight
+            for view in views:
+                view.release()
+            for buf in bufs:
+                buf.close()
             os.close(fd)
+        if checked < count:
+            return None  # stopped part-way: no verdict
         return tuple(bad)
 
     def _damaged(self, problem: Problem) -> None:
@@ -198,7 +237,6 @@ class Scrubber:
             problem.reason,
         )
         self._store.quarantine(problem.model, problem.path, problem.sha256, problem.reason)
-        self._repair(problem.model)
         if self._on_damage is not None:
             try:
                 self._on_damage(problem)
@@ -207,10 +245,17 @@ class Scrubber:
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    """Fill ``view`` from ``offset`` until it is full or the file ends; bytes read."""
+    """Fill ``view`` from ``offset`` until it is full or the file ends; bytes read. A read
+    error (EIO: the medium itself failing) ends the chunk short, which marks it damaged."""
     got = 0
     while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
+        try:
+            n = os.preadv(fd, [view[got:]], offset + got)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            log.warning("scrub: read error at offset %d: %s", offset + got, exc)
+            break
         if n == 0:
             break
         got += n

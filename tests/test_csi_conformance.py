@@ -148,8 +148,12 @@ def test_capacity_is_the_model_size_when_known(
 
     async def main() -> None:
         async with serving_controller(tmp_path, size) as c:
-            vol = (await c.stub.CreateVolume(create(model=ref))).volume
-            assert vol.capacity_bytes == total
+            small = create(model=ref)
+            small.capacity_range.required_bytes = 1
+            assert (await c.stub.CreateVolume(small)).volume.capacity_bytes == total
+            # Never less than asked: the provisioner deletes a volume smaller than the claim.
+            big = (await c.stub.CreateVolume(create("pvc-big", model=ref))).volume
+            assert big.capacity_bytes == 1 << 30 > total
             tight = create("pvc-tight", model=ref)
             tight.capacity_range.limit_bytes = total - 1
             tight.capacity_range.required_bytes = 1

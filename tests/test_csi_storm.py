@@ -50,5 +50,6 @@ def test_publish_unpublish_storm(tmp_path: Path) -> None:
             await asyncio.gather(*(n.stub.NodeUnpublishVolume(unpublish(t)) for t in targets))
             assert [t for t in targets if mountinfo_entries(t)] == []
             assert n.store.pins() == []
+            assert n.node._locks == {}  # no lock outlives its last caller
 
     asyncio.run(main())

@@ -198,8 +198,10 @@ def test_node_process_warms_what_the_cluster_asks_for(tmp_path: Path) -> None:
                 lambda: key in (kube.get("Node", "", "gpu-1") or {})["metadata"]["labels"], 60
             )
             assert labelled, "the node was never labelled"
-            reasons = [e["reason"] for e in kube.objects("Event")]
-            assert "WarmReady" in reasons
+            told = kube.wait_until(
+                lambda: "WarmReady" in [e["reason"] for e in kube.objects("Event")], 60
+            )
+            assert told, "no WarmReady event"
             metrics = _scrape(port)
             assert metrics['weightcache_warm_requests{state="ready"}'] == 1
             assert metrics['weightcache_fetch_bytes_total{source="file"}'] > 0

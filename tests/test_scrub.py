@@ -5,6 +5,7 @@ needed. Repairs fetch only the damaged chunks (counted at the proxy in front of 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import threading
@@ -202,6 +203,9 @@ def test_a_source_that_is_gone_leaves_the_model_corrupt_with_the_reason(tmp_path
             assert str(exc.value) in after.error
             msg = await _refused(h, ref, tmp_path / "t")
             assert "repair failed" in msg and victim in msg
+            # Asked again at once (a kubelet retry): the failure is answered from memory.
+            again = h.fetcher.repair_async(row.digest)
+            assert again.done() and again.exception() is exc.value
 
     asyncio.run(main())
 
@@ -226,5 +230,37 @@ def test_damage_is_reported_as_an_event_on_the_node(tmp_path: Path) -> None:
             assert event["involvedObject"]["name"] == "gpu-1"
             assert (event["reason"], event["type"]) == ("ModelCorrupt", "Warning")
             assert victim in event["message"] and row.digest in event["message"]
+
+    asyncio.run(main())
+
+
+def test_a_stopped_scrub_passes_no_verdict(tmp_path: Path) -> None:
+    victim = "w.bin"
+    files = {victim: random.Random(35).randbytes(SHARD)}  # one file of four chunks
+    ref = f"file://{write_files(tmp_path / 'src', files)}"
+
+    async def main() -> None:
+        async with serving_node(tmp_path, make_config(tmp_path / "store")) as h:
+            row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
+            _flip(h.store.model_path(row.digest) / victim, 3 * PART + 5)  # the last chunk
+            stop = threading.Event()
+            ticks = itertools.count()
+
+            def clock() -> float:
+                # Readings: the limiter's start, the pass's start, then the first chunk's read:
+                # the stop arrives inside the damaged file, before its last chunk is read.
+                if next(ticks) == 2:
+                    stop.set()
+                return 0.0
+
+            scrubber = Scrubber(
+                h.store, [].append, ScrubConfig(bytes_per_s=PART), stop=stop, clock=clock
+            )
+            result = await asyncio.to_thread(scrubber.scrub_pass)
+            assert not result.complete and result.files == 1
+            assert scrubber.stats.passes == 0 and scrubber.stats.failures == 0
+            # Nothing was recorded as verified: a remembered full check still hashes and finds it.
+            check = check_model(h.store, row.digest, full=True, remembered=True, quarantine=False)
+            assert [p.path for p in check.problems] == [victim]
 
     asyncio.run(main())

@@ -312,3 +312,21 @@ def test_failures_and_capacity_are_reported_once(tmp_path: Path) -> None:
         assert "http://not-a-ref" in messages and "/nonexistent/model" in messages
         assert "budget" in messages
         assert r.warm_pins() == set() and r.node_labels() == {}
+
+
+def test_events_the_api_refuses_do_not_hold_back_pins_and_labels(tmp_path: Path) -> None:
+    ref, _ = model(tmp_path, "m", 12)
+    with running(tmp_path) as r:
+        r.kube.fail_next("/api/v1/namespaces/ns/events", 403, times=10**6)
+        r.kube.put(deployment("d", "ns", {WARM_ANNOTATION: ref}))
+        r.until(lambda: r.node_labels() == {label_key(parse_reference(ref)): "true"}, "label")
+        assert {h for _, h in r.warm_pins()} == {"Deployment/ns/d"}
+        assert r.events() == []
+
+        def refused() -> int:
+            return sum(1 for q in r.kube.requests if q.path.endswith("/events") and q.status == 403)
+
+        assert r.kube.wait_until(lambda: refused() == 2, WAIT)  # WarmStarted and WarmReady
+        passes = r.controller.passes
+        r.until(lambda: r.controller.passes > passes + 1, "more passes")
+        assert refused() == 2  # each tried once, not again on every pass

@@ -23,7 +23,11 @@ def event_body(
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": f"{involved['name']}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+        # Object names may be 253 characters; the involved object's may be too.
+        "metadata": {
+            "name": f"{involved['name'][:200]}.{uuid.uuid4().hex[:16]}",
+            "namespace": namespace,
+        },
         "involvedObject": dict(involved),
         "reason": reason,
         "message": message[:1024],

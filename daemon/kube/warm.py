@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from weightcache.daemon.config import WarmConfig
 from weightcache.daemon.errors import InsufficientSpace, WeightcacheError
@@ -98,8 +99,10 @@ class WarmController:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._attempts: dict[str, Attempt] = {}
-        self._announced: set[tuple[str, str, str, int]] = set()
-        self._announced_invalid: set[tuple[str, str]] = set()
+        # (holder, subject, reason) -> the attempt or digest last announced: bounded by what
+        # is wanted, and a new attempt or digest announces again.
+        self._announced: dict[tuple[str, str, str], str] = {}
+        self._outbox: list[tuple[Workload, dict[str, Any]]] = []
         self.passes = 0
         """Completed reconcile passes."""
         self._request_states: dict[str, int] = {}
@@ -196,7 +199,7 @@ class WarmController:
         if not nodes:
             return
         node = nodes[0]
-        wanted, holders = self._wanted(node)
+        wanted, holders, annotated = self._wanted(node)
         ready: dict[str, ModelRow] = {}
         for key, want in wanted.items():
             row = self._ready_row(key)
@@ -211,7 +214,7 @@ class WarmController:
             if key not in ready
             and (a := self._attempts.get(key)) is not None
             and a.future.done()
-            and a.error is not None
+            and a.future.exception() is not None
         )
         self._request_states = {
             "ready": len(ready),
@@ -220,15 +223,18 @@ class WarmController:
         }
         self._sync_pins(wanted, holders, ready)
         self._sync_labels(node, wanted)
+        self._post_events()
         # Forget what concerns workloads and references no longer wanted here.
-        self._announced = {k for k in self._announced if k[0] in holders}
+        self._announced = {k: v for k, v in self._announced.items() if k[0] in annotated}
         for key in [k for k, a in self._attempts.items() if k not in wanted and a.future.done()]:
             del self._attempts[key]
 
-    def _wanted(self, node: Object) -> tuple[dict[str, _Wanted], dict[str, list[str]]]:
-        """Reference -> the eligible workloads naming it; holder -> the references it names."""
+    def _wanted(self, node: Object) -> tuple[dict[str, _Wanted], dict[str, list[str]], set[str]]:
+        """Reference -> the eligible workloads naming it; eligible holder -> the references it
+        names; and every annotated workload, eligible or not."""
         wanted: dict[str, _Wanted] = {}
         holders: dict[str, list[str]] = {}
+        annotated: set[str] = set()
         for kind in WORKLOAD_KINDS:
             for obj in self.informers[kind].snapshot():
                 meta = obj.get("metadata") or {}
@@ -242,9 +248,12 @@ class WarmController:
                     meta.get("uid", ""),
                     str(meta.get("resourceVersion", "")),
                 )
+                annotated.add(workload.holder)
                 request = parse_warm_annotation(annotation)
                 for error in request.errors:
-                    self._announce_invalid(workload, error)
+                    self._event(
+                        workload, "WarmFailed", "Warning", f"{WARM_ANNOTATION}: {error}", error
+                    )
                 pod_spec = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
                 verdict = eligible(pod_spec, node)
                 if not verdict.eligible:
@@ -253,7 +262,7 @@ class WarmController:
                 holders[workload.holder] = [str(r) for r in request.refs]
                 for ref in request.refs:
                     wanted.setdefault(str(ref), _Wanted(ref)).by.append(workload)
-        return wanted, holders
+        return wanted, holders, annotated
 
     def _ready_row(self, ref: str) -> ModelRow | None:
         digest = self._store.resolve_cached(ref)
@@ -265,7 +274,9 @@ class WarmController:
         now = time.monotonic()
         if attempt is not None and not attempt.future.done():
             return
-        if attempt is not None and attempt.error is not None:
+        if attempt is not None and attempt.future.exception() is not None:
+            attempt.error = attempt.future.exception()  # the callback may not have run yet
+            attempt.retry_at = attempt.retry_at or now + self._config.retry_failed_s
             self._announce_failure(want, attempt)
             if now < attempt.retry_at:
                 return
@@ -366,13 +377,6 @@ class WarmController:
                 attempt=attempt.number,
             )
 
-    def _announce_invalid(self, workload: Workload, error: str) -> None:
-        key = (workload.holder, error)
-        if key in self._announced_invalid:
-            return
-        self._announced_invalid.add(key)
-        self._event(workload, "WarmFailed", "Warning", f"{WARM_ANNOTATION}: {error}", error)
-
     def _event(
         self,
         workload: Workload,
@@ -384,9 +388,11 @@ class WarmController:
         attempt: int = 0,
         once_per: str = "",
     ) -> None:
-        key = (workload.holder, f"{subject}\x00{once_per}", reason, attempt)
-        if key in self._announced:
+        key = (workload.holder, subject, reason)
+        marker = f"{attempt}\x00{once_per}"
+        if self._announced.get(key) == marker:
             return
+        self._announced[key] = marker
         involved = {
             "apiVersion": "apps/v1",
             "kind": workload.kind,
@@ -396,6 +402,15 @@ class WarmController:
             "resourceVersion": workload.resource_version,
         }
         event = event_body(involved, workload.namespace, self.node_name, reason, kind, message)
-        self._client.create_event(workload.namespace, event)
-        self._announced.add(key)
-        log.info("event %s on %s: %s", reason, workload.holder, message)
+        self._outbox.append((workload, event))
+
+    def _post_events(self) -> None:
+        """Best effort, after pins and labels: an Event the API refuses (a quota, a namespace
+        being deleted) must not hold back the state of every other workload."""
+        outbox, self._outbox = self._outbox, []
+        for workload, event in outbox:
+            try:
+                self._client.create_event(workload.namespace, event)
+                log.info("event %s on %s: %s", event["reason"], workload.holder, event["message"])
+            except KubeError as exc:
+                log.warning("event %s on %s not posted: %s", event["reason"], workload.holder, exc)

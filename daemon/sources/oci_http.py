@@ -95,10 +95,12 @@ def parse_docker_config(text: str, where: str) -> dict[str, Credentials]:
         if host in ("index.docker.io", "registry-1.docker.io"):
             host = "docker.io"
         user, password = entry.get("username"), entry.get("password")
+        if not isinstance(user, str | None) or not isinstance(password, str | None):
+            raise SourceError(f"docker config {where}: malformed entry for {host}", reason="auth")
         if entry.get("auth"):
             try:
                 user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except ValueError as exc:
+            except (ValueError, TypeError, AttributeError) as exc:
                 raise SourceError(
                     f"docker config {where}: malformed auth for {host}", reason="auth"
                 ) from exc

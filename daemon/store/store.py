@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -66,6 +67,8 @@ class Store:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.create()
         self._lock_fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        self._thread_lock = threading.RLock()
+        self._lock_depth = 0
         self.index = Index(self.layout.index)
         self.evictions = 0
         """Models this process evicted (a counter for the metrics)."""
@@ -78,12 +81,19 @@ class Store:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """The store-wide lock (flock) held around installs, evictions and reconciliation."""
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        """The store-wide lock held around installs, evictions, pins of ready models and
+        reconciliation: a flock between processes and a lock between this process's threads
+        (a flock alone lets every thread of the process in). Re-entrant."""
+        with self._thread_lock:
+            self._lock_depth += 1
+            if self._lock_depth == 1:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # -- reconciliation ------------------------------------------------------------------------
 
@@ -322,6 +332,16 @@ class Store:
                 (digest, kind, holder, now),
             )
             c.execute("UPDATE models SET last_used = ? WHERE digest = ?", (now, digest))
+
+    def pin_if_ready(self, digest: str, kind: str, holder: str) -> bool:
+        """Pin a model only if it is ready, atomically with respect to eviction: once this
+        returns True the tree stays until the pin is dropped."""
+        with self.locked():
+            row = self.index.model(digest)
+            if row is None or row.state != READY:
+                return False
+            self.pin(digest, kind, holder)
+            return True
 
     def unpin(self, digest: str, kind: str, holder: str) -> None:
         """Drop a pin; dropping an absent pin is not an error."""
