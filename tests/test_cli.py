@@ -61,8 +61,13 @@ def test_demo_runs_the_whole_flow() -> None:
     for step in (
         "files identical",
         "verify --full",
-        "caught: ['config.json']",
-        "every model now: ['ready']",
+        "[('model-00002-of-00004.safetensors', (1,))] (file, chunk)",
+        "repair by range: fetched 4 MiB of the 8 MiB file; ready",
+        "every model: ['ready']",
+        "writing refused: True",
+        "unmounted and removed: True; pins left: 0",
+        "this node fetched it before any pod arrived",
+        "events ['WarmReady', 'WarmStarted']",
         "demo: done",
     ):
         assert step in out.stderr, step

@@ -89,6 +89,8 @@ class Informer:
                 rv = None
                 continue
             except KubeError as exc:
+                if self._stop.is_set():
+                    return  # the stream ended because we are stopping
                 failures += 1
                 log.warning("%s: %s", self.name, exc)
             delay = self._delays[min(failures - 1, len(self._delays) - 1)]
