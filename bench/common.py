@@ -178,14 +178,21 @@ def fetch_arguments(doc: str | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--shard-mib", type=int, default=1024)
+    output_arguments(ap)
+    return ap.parse_args()
+
+
+def output_arguments(ap: argparse.ArgumentParser, keep: bool = False) -> None:
+    """``--workdir`` (and ``--keep``) and ``--json``, as every benchmark takes them."""
     ap.add_argument(
         "--workdir",
         type=Path,
         default=None,
         help="on the disk to measure (default: a temp dir under /var/tmp)",
     )
+    if keep:
+        ap.add_argument("--keep", action="store_true", help="leave the temp dir in place")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    return ap.parse_args()
 
 
 def emptied(path: Path) -> Path:

@@ -43,7 +43,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MB, measure, say
+from common import MB, measure, output_arguments, say
 
 from weightcache.csi.mounter import SystemMounter
 from weightcache.csi.node import NodeService
@@ -316,14 +316,7 @@ def arguments() -> argparse.Namespace:
     ap.add_argument(
         "--calls", type=int, default=200, help="publishes per model (the requirement: >= 200)"
     )
-    ap.add_argument(
-        "--workdir",
-        type=Path,
-        default=None,
-        help="where the temp dir goes (default: /var/tmp); store, sources and targets live there",
-    )
-    ap.add_argument("--keep", action="store_true", help="leave the temp dir in place")
-    ap.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    output_arguments(ap, keep=True)
     args = ap.parse_args()
     if args.calls < 1 or args.small_files < 1 or args.large_files < 1:
         ap.error("--calls and --*-files must be at least 1")

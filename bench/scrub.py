@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MB, Result, drop_caches, measure, report, say
+from common import MB, Result, drop_caches, measure, output_arguments, report, say
 from publish_latency import write_real
 
 from weightcache.daemon.config import Config, ScrubConfig, StoreConfig
@@ -56,14 +56,7 @@ def arguments() -> argparse.Namespace:
         help="scrub cap in MiB/s for the capped pass (default 200, below the disk's rate; "
         "halved to half the uncapped rate if the disk is slower)",
     )
-    ap.add_argument(
-        "--workdir",
-        type=Path,
-        default=None,
-        help="where the temp dir goes (default: /var/tmp); on the disk to measure",
-    )
-    ap.add_argument("--keep", action="store_true", help="leave the temp dir in place")
-    ap.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    output_arguments(ap, keep=True)
     args = ap.parse_args()
     if args.gib <= 0 or args.files < 1 or args.cap_mib <= 0:
         ap.error("--gib and --cap-mib must be positive, --files at least 1")

@@ -34,6 +34,7 @@ from weightcache.daemon.ratelimit import RateLimiter
 from weightcache.daemon.store.index import BlobRow
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import Problem, metadata_problem
+from weightcache.daemon.threads import start_guarded
 
 log = logging.getLogger(__name__)
 READ_AHEAD = 2
@@ -86,16 +87,7 @@ class Scrubber:
         self._done = threading.Condition()
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._guarded, name="scrubber", daemon=True)
-        thread.start()
-        return thread
-
-    def _guarded(self) -> None:
-        try:
-            self.run()
-        except BaseException:
-            log.exception("the scrubber stopped unexpectedly")
-            raise
+        return start_guarded(self.run, "scrubber")
 
     def run(self) -> None:
         while not self._stop.is_set():

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from weightcache.daemon.kube.client import Expired, KubeError, Listing
+from weightcache.daemon.threads import start_guarded
 
 log = logging.getLogger(__name__)
 Object = dict[str, Any]
@@ -60,16 +61,7 @@ class Informer:
             return list(self._objects.values())
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._guarded, name=f"informer-{self.name}", daemon=True)
-        thread.start()
-        return thread
-
-    def _guarded(self) -> None:
-        try:
-            self.run()
-        except BaseException:
-            log.exception("%s informer stopped unexpectedly", self.name)
-            raise
+        return start_guarded(self.run, f"informer-{self.name}")
 
     def run(self) -> None:
         failures = 0

@@ -45,6 +45,7 @@ from weightcache.daemon.kube.scheduling import eligible
 from weightcache.daemon.references import ModelRef, parse_reference
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.store import READY, Store
+from weightcache.daemon.threads import start_guarded
 
 log = logging.getLogger(__name__)
 WARM_PIN = "warm"
@@ -137,8 +138,7 @@ class WarmController:
     def start(self) -> None:
         for informer in self.informers.values():
             informer.start()
-        self._thread = threading.Thread(target=self._loop, name="warm-controller", daemon=True)
-        self._thread.start()
+        self._thread = start_guarded(self._loop, "warm-controller")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop reconciling. Informer threads end at their next event or watch timeout; they
