@@ -486,8 +486,11 @@ class Fetcher:
                     f"{plan.ref}: {item.path} hashes to {fp.sha256}, but the source announced "
                     f"{item.sha256}; the download was discarded"
                 )
-            self.store.commit_blob(partial.path, fp, plan.digest, item.path)
+            # The log goes first: once the partial is renamed into blobs/, a second writer can
+            # create a new partial at the same name without waiting for our lock, and must not
+            # find (or lose) our log there.
             partial.forget_log()
+            self.store.commit_blob(partial.path, fp, plan.digest, item.path)
         return fp.sha256
 
     def _repair_by_range(

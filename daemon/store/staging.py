@@ -141,8 +141,7 @@ class PartialFile:
 
     def resume(self, hasher: StreamHasher) -> int:
         """Check the kept prefix against the chunk log; feed it to ``hasher``; return its length."""
-        with open(self.log_path, "rb") as f:
-            log = f.read()
+        log = os.pread(self._log_fd, os.fstat(self._log_fd).st_size, 0)
         disk = os.fstat(self._fd).st_size
         good = 0
         for i in range(len(log) // _ENTRY):
