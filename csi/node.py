@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from weightcache.csi.errors import AlreadyExists, InvalidArgument
 from weightcache.csi.interceptor import Context
@@ -126,7 +127,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 hit = row is not None
                 if row is None:
                     row = await self._ready_model(attrs)
-                await asyncio.to_thread(self._publish, row.digest, target, attrs)
+                await _to_thread_to_the_end(self._publish, row.digest, target, attrs)
             result = "hit" if hit else "miss"
         except (FetchInProgress, NotCached):
             result = "miss"  # not in the cache: a fetch was started or joined, or is forbidden
@@ -228,7 +229,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise InvalidArgument("volume_id is required")
         target = _target(request.target_path)
         async with self._serialized(target):
-            await asyncio.to_thread(self._unpublish, target)
+            await _to_thread_to_the_end(self._unpublish, target)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     def _unpublish(self, target: Path) -> None:
@@ -240,6 +241,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         for model, kind, holder in self._store.pins():
             if kind == MOUNT_PIN and holder == str(target):
                 self._store.unpin(model, kind, holder)
+
+
+async def _to_thread_to_the_end(func: Callable[..., None], *args: Any) -> None:
+    """Run ``func`` in a thread and, if the call is cancelled (the kubelet's deadline), still
+    wait for the thread before giving up the target's lock: a retry must never mount or unpin
+    the same target while the first attempt is still doing so."""
+    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 def _target(raw: str) -> Path:

@@ -293,8 +293,12 @@ class Fetcher:
                 plan.digest, keep | {i.path for i in plan.items if isinstance(i, RemoteFile)}
             )
             store.install(plan.digest)
-            for other in store.restore_complete():
+            restored = store.restore_complete()
+            for other in restored:
                 log.info("model %s restored: a blob it shares was fetched again", other)
+            with self._lock:  # whatever failed to repair before is whole now
+                for digest in (plan.digest, *restored):
+                    self._repair_failures.pop(digest, None)
             row = store.model(plan.digest)
             assert row is not None
             self.metrics.fetch_duration.observe(time.monotonic() - progress.started)

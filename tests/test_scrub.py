@@ -206,6 +206,14 @@ def test_a_source_that_is_gone_leaves_the_model_corrupt_with_the_reason(tmp_path
             # Asked again at once (a kubelet retry): the failure is answered from memory.
             again = h.fetcher.repair_async(row.digest)
             assert again.done() and again.exception() is exc.value
+            # The source is back and the model is warmed whole: that memory is gone with it.
+            os.rename(tmp_path / "moved-away", src)
+            healed = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
+            assert healed.state == READY
+            _flip(h.store.model_path(row.digest) / victim, 20)
+            await asyncio.to_thread(_scrubber(h, []).scrub_pass)
+            repaired = await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
+            assert repaired.state == READY
 
     asyncio.run(main())
 

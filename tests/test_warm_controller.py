@@ -330,3 +330,13 @@ def test_events_the_api_refuses_do_not_hold_back_pins_and_labels(tmp_path: Path)
         passes = r.controller.passes
         r.until(lambda: r.controller.passes > passes + 1, "more passes")
         assert refused() == 2  # each tried once, not again on every pass
+
+
+def test_an_event_the_api_could_not_take_is_offered_again(tmp_path: Path) -> None:
+    ref, _ = model(tmp_path, "m", 13)
+    with running(tmp_path) as r:
+        r.kube.fail_next("/api/v1/namespaces/ns/events", 500, times=1)
+        r.kube.put(deployment("d", "ns", {WARM_ANNOTATION: ref}))
+        r.until(lambda: {e["reason"] for e in r.events()} == {"WarmStarted", "WarmReady"}, "both")
+        failed = [q for q in r.kube.requests if q.path.endswith("/events") and q.status == 500]
+        assert len(failed) == 1 and len(r.events()) == 2  # the refused one came through later

@@ -49,6 +49,8 @@ from weightcache.daemon.threads import start_guarded
 
 log = logging.getLogger(__name__)
 WARM_PIN = "warm"
+EVENT_TRIES = 5
+"""Passes an Event is offered to an API server that is unreachable or overloaded."""
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 
 
@@ -103,7 +105,7 @@ class WarmController:
         # (holder, subject, reason) -> the attempt or digest last announced: bounded by what
         # is wanted, and a new attempt or digest announces again.
         self._announced: dict[tuple[str, str, str], str] = {}
-        self._outbox: list[tuple[Workload, dict[str, Any]]] = []
+        self._outbox: list[tuple[Workload, dict[str, Any], int]] = []
         self.passes = 0
         """Completed reconcile passes."""
         self._request_states: dict[str, int] = {}
@@ -221,9 +223,11 @@ class WarmController:
             "failed": failed,
             "fetching": len(wanted) - len(ready) - failed,
         }
-        self._sync_pins(wanted, holders, ready)
-        self._sync_labels(node, wanted)
-        self._post_events()
+        try:
+            self._sync_pins(wanted, holders, ready)
+            self._sync_labels(node, wanted)
+        finally:
+            self._post_events()
         # Forget what concerns workloads and references no longer wanted here.
         self._announced = {k: v for k, v in self._announced.items() if k[0] in annotated}
         for key in [k for k, a in self._attempts.items() if k not in wanted and a.future.done()]:
@@ -402,15 +406,21 @@ class WarmController:
             "resourceVersion": workload.resource_version,
         }
         event = event_body(involved, workload.namespace, self.node_name, reason, kind, message)
-        self._outbox.append((workload, event))
+        self._outbox.append((workload, event, 1))
 
     def _post_events(self) -> None:
         """Best effort, after pins and labels: an Event the API refuses (a quota, a namespace
         being deleted) must not hold back the state of every other workload."""
         outbox, self._outbox = self._outbox, []
-        for workload, event in outbox:
+        for workload, event, tries in outbox:
             try:
                 self._client.create_event(workload.namespace, event)
                 log.info("event %s on %s: %s", event["reason"], workload.holder, event["message"])
             except KubeError as exc:
-                log.warning("event %s on %s not posted: %s", event["reason"], workload.holder, exc)
+                passing = exc.status == 0 or exc.status == 429 or exc.status >= 500
+                if passing and tries < EVENT_TRIES:
+                    self._outbox.append((workload, event, tries + 1))  # the next pass retries
+                else:
+                    log.warning(
+                        "event %s on %s not posted: %s", event["reason"], workload.holder, exc
+                    )

@@ -85,9 +85,9 @@ class Store:
         reconciliation: a flock between processes and a lock between this process's threads
         (a flock alone lets every thread of the process in). Re-entrant."""
         with self._thread_lock:
+            if self._lock_depth == 0:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # raises before anything is counted
             self._lock_depth += 1
-            if self._lock_depth == 1:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
                 yield
             finally:
