@@ -119,14 +119,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         result = "error"
         try:
             async with self._serialized(target):
-                cached = self._store.resolve_cached(str(attrs.model))
+                cached = self._store.cached_model(str(attrs.model))
                 await asyncio.to_thread(
-                    self._policy.authorize, attrs.model, attrs.pod_namespace, secrets, cached
+                    self._policy.authorize,
+                    attrs.model,
+                    attrs.pod_namespace,
+                    secrets,
+                    cached.digest if cached else None,
                 )
-                row = self._ready_row(cached)
-                hit = row is not None
-                if row is None:
-                    row = await self._ready_model(attrs)
+                if cached is not None and cached.state == READY:
+                    row, hit = cached, True
+                else:
+                    row, hit = await self._ready_model(attrs, cached), False
                 await _to_thread_to_the_end(self._publish, row.digest, target, attrs)
             result = "hit" if hit else "miss"
         except (FetchInProgress, NotCached):
@@ -137,16 +141,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self._metrics.publish_duration.observe(time.perf_counter() - started)
         return csi_pb2.NodePublishVolumeResponse()
 
-    def _ready_row(self, digest: str | None) -> ModelRow | None:
-        row = self._store.model(digest) if digest else None
-        return row if row is not None and row.state == READY else None
-
-    async def _ready_model(self, attrs: VolumeAttributes) -> ModelRow:
+    async def _ready_model(self, attrs: VolumeAttributes, row: ModelRow | None) -> ModelRow:
+        """The model, not ready when looked up (``row``, None when never resolved): refused if
+        corrupt or CachedOnly, else fetched, waiting at most ``publish_wait_s``."""
         ref = str(attrs.model)
-        digest = self._store.resolve_cached(ref)
-        row = self._store.model(digest) if digest else None
-        if row is not None and row.state == READY:
-            return row
+        digest = row.digest if row is not None else None
         if row is not None and row.state == CORRUPT:
             self._repair(attrs, row.digest)
             raise ModelCorrupt(

@@ -505,8 +505,10 @@ class Fetcher:
         the whole file's sha256, and commit. None when there is no usable copy or anything
         disagrees: the caller downloads the whole file instead."""
         blob = self.store.blob_row(sha)
+        if blob is None or blob.size != item.size:
+            return None  # a first download: nothing was ever held to repair from
         copy = self.store.quarantined_copy(sha)
-        if blob is None or copy is None or blob.size != item.size:
+        if copy is None:
             return None
         size, chunk = item.size, blob.chunk_size
         tmp = self.store.temp_path("repair")

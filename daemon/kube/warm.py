@@ -269,8 +269,7 @@ class WarmController:
         return wanted, holders, annotated
 
     def _ready_row(self, ref: str) -> ModelRow | None:
-        digest = self._store.resolve_cached(ref)
-        row = self._store.model(digest) if digest else None
+        row = self._store.cached_model(ref)
         return row if row is not None and row.state == READY else None
 
     def _ensure_fetch(self, key: str, want: _Wanted) -> None:

@@ -310,6 +310,11 @@ class Store:
         """The digest a reference resolved to last time, if any."""
         return self.index.ref_digest(ref)
 
+    def cached_model(self, ref: str) -> ModelRow | None:
+        """The record of the model a reference resolved to last time, in whatever state."""
+        digest = self.index.ref_digest(ref)
+        return self.index.model(digest) if digest else None
+
     def refs(self) -> list[tuple[str, str]]:
         """Every (reference, digest) this store has resolved."""
         return self.index.refs()

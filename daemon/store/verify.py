@@ -41,14 +41,9 @@ class VerifyReport:
 def check_content(path: str, blob: BlobRow) -> tuple[str | None, tuple[int, ...], int]:
     """The full check of one tree file: type, size, then the xxh3 of every chunk (bit rot,
     which leaves the metadata alone). Returns (reason or None, bad chunks, bytes hashed)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return "file is missing", (), 0
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file", (), 0
-    if st.st_size != blob.size:
-        return f"size {st.st_size} != {blob.size}", (), 0
+    reason = _shape_problem(_lstat(path), blob.size)
+    if reason is not None:
+        return reason, (), 0
     bad: list[int] = []
     hashed = 0
     with open(path, "rb", buffering=0) as f:
@@ -111,18 +106,32 @@ def check_model(
 def metadata_problem(path: str, size: int, inode: int, mtime_ns: int) -> str | None:
     """The fast check (type, size, inode, mtime) of one file against its blob record; runs
     per file at every publish, so it is one lstat and a few comparisons."""
+    st = _lstat(path)
+    reason = _shape_problem(st, size)
+    if reason is not None or st is None:
+        return reason
+    if st.st_ino != inode:
+        return "inode changed (file replaced)"
+    if st.st_mtime_ns != mtime_ns:
+        return "mtime changed (file rewritten)"
+    return None
+
+
+def _lstat(path: str) -> os.stat_result | None:
     try:
-        st = os.lstat(path)
+        return os.lstat(path)
     except FileNotFoundError:
+        return None
+
+
+def _shape_problem(st: os.stat_result | None, size: int) -> str | None:
+    """What both checks refuse before anything else: a missing, odd or wrongly sized file."""
+    if st is None:
         return "file is missing"
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
     if st.st_size != size:
         return f"size {st.st_size} != {size}"
-    if st.st_ino != inode:
-        return "inode changed (file replaced)"
-    if st.st_mtime_ns != mtime_ns:
-        return "mtime changed (file rewritten)"
     return None
 
 
