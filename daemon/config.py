@@ -47,6 +47,14 @@ class FetchConfig:
     """Cap on download rate for this node; 0 means unlimited."""
     timeout_s: float = 60.0
     """Connect and read timeout of one request."""
+    stall_bytes_per_s: int = 1024 * 1024
+    """A transfer that moves fewer bytes than this per second over ``stall_window_s`` is
+    aborted and retried (on the next mirror when there is one); 0: no stall detection."""
+    stall_window_s: float = 30.0
+    """The window over which ``stall_bytes_per_s`` is measured."""
+    request_deadline_s: float = 60.0
+    """Overall deadline of one manifest, token or metadata request: connect, redirects, headers
+    and body together."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,9 @@ class RegistryConfig:
     """Per registry host, mirrors tried in order before the origin."""
     docker_config: Path | None = None
     """A docker ``config.json`` (the imagePullSecret format) with registry credentials."""
+    ca_file: Path | None = None
+    """PEM certificates trusted, besides the system's, for registries, mirrors and token realms
+    reached over HTTPS."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +266,11 @@ def validate(config: Config) -> None:
         raise ConfigError("[fetch] bandwidth must not be negative; timeout must be positive")
     if any(d < 0 for d in f.retry_delays):
         raise ConfigError("[fetch] retry_delays must not be negative")
+    if f.stall_bytes_per_s < 0 or f.stall_window_s <= 0 or f.request_deadline_s <= 0:
+        raise ConfigError(
+            "[fetch] stall_bytes_per_s must not be negative; stall_window_s and "
+            "request_deadline_s must be positive"
+        )
     p = config.policy
     if p.default not in ("allow", "deny"):
         raise ConfigError(f"[policy] default must be allow or deny, not {p.default!r}")

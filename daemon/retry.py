@@ -25,8 +25,10 @@ class Stopped(Exception):
 class RetryAfter(SourceError):
     """A retryable error that carries the server's requested delay (HTTP 429/503 Retry-After)."""
 
-    def __init__(self, message: str, *, reason: str, delay: float) -> None:
-        super().__init__(message, reason=reason, retryable=True)
+    def __init__(
+        self, message: str, *, reason: str, delay: float, status: int | None = None
+    ) -> None:
+        super().__init__(message, reason=reason, retryable=True, status=status)
         self.delay = delay
 
 

@@ -1,6 +1,9 @@
 """Does a pod's pull secret open this manifest? Asked of the origin registry, never a mirror
 (a mirror does not enforce the tenant's access), with only the pod's credentials and a fresh
-token cache, so one tenant's token never answers for another."""
+token cache, so one tenant's token never answers for another. The rules of
+:mod:`weightcache.daemon.sources.oci_http` hold here too: the pod's credentials go only to the
+origin and its token realm (never to a redirect target, never from https to http, never to a
+plain-http realm of a registry not configured insecure), and every read is bounded."""
 
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ class RegistryAccess:
 
     def __init__(self, config: RegistryConfig, timeout_s: float) -> None:
         # Mirrors and the node's own docker config are deliberately left out.
-        self._config = RegistryConfig(insecure=config.insecure)
+        self._config = RegistryConfig(insecure=config.insecure, ca_file=config.ca_file)
         self._timeout = timeout_s
 
     def check(self, ref: OciRef, manifest: str, secrets: Mapping[str, str]) -> None:

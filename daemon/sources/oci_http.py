@@ -3,15 +3,23 @@
 - Plain HTTP only for loopback hosts and hosts configured as insecure; HTTPS otherwise.
 - Mirrors are tried before the origin, like containerd's hosts.toml: for content addressed by
   digest always, for tag resolution only when the mirror has the ``resolve`` capability. A
-  failing mirror falls through to the next endpoint.
-- 401 challenges: ``Bearer`` (token from the realm, with the docker config.json credentials when
-  present) and ``Basic``. Credentials are never logged.
+  failing (or stalled) mirror falls through to the next endpoint.
+- 401 challenges: ``Bearer`` (token from the realm) and ``Basic``. Credentials are chosen by the
+  endpoint that challenged: the origin's (docker config.json entry of the registry) go only to
+  the origin and its token realm, a mirror's (the entry of the mirror's ``host[:port]``) only to
+  that mirror and its realm. A realm on plain http is refused unless the endpoint is itself
+  plain http and loopback or configured insecure. A challenge from a redirect target is never
+  answered, and no credential or token follows a redirect to another host or from https to
+  http (:mod:`weightcache.daemon.sources.ranges`). Credentials are never logged.
+- Every read is bounded: manifests and token answers in size and by an overall deadline, error
+  bodies in size, blob ranges by the stall rule.
 - Status codes map to :class:`SourceError` reasons; 429 and 503 honour ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import ipaddress
 import json
 import logging
@@ -21,14 +29,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlencode
-
-import urllib3
+from urllib.parse import urlencode, urlsplit
 
 from weightcache.daemon.config import Mirror, RegistryConfig
 from weightcache.daemon.errors import SourceError
 from weightcache.daemon.references import OciRef
-from weightcache.daemon.sources.ranges import RangeClient, status_error
+from weightcache.daemon.sources.ranges import Limits, RangeClient, Reply, tls_context
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,6 +48,8 @@ MANIFEST_ACCEPT = ", ".join(
     ]
 )
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_TOKEN_BYTES = 256 * 1024
+"""A token endpoint's answer is refused beyond this (real ones are a few KiB)."""
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -121,6 +129,34 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _host(netloc: str) -> str:
+    """The host of ``host[:port]`` (brackets kept off an IPv6 literal)."""
+    return urlsplit(f"//{netloc}").hostname or netloc
+
+
+def _basic(creds: Credentials) -> str:
+    return "Basic " + base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+
+
+class Response:
+    """A registry's answer with its body already read, bounded by ``max_body``."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.status = reply.status
+        self.headers: http.client.HTTPMessage = reply.headers
+        self.data = reply.body
+        self._offset = 0
+
+    def read(self, amt: int | None = None) -> bytes:
+        end = len(self.data) if amt is None else self._offset + amt
+        out = self.data[self._offset : end]
+        self._offset += len(out)
+        return out
+
+    def release_conn(self) -> None:
+        """Nothing to release: the connection went back to its pool when the body was read."""
+
+
 class RegistryHTTP:
     """Authenticated, mirror-aware requests to OCI registries."""
 
@@ -130,18 +166,16 @@ class RegistryHTTP:
         credentials: Mapping[str, Credentials],
         timeout_s: float,
         pool_size: int = 16,
+        *,
+        limits: Limits | None = None,
     ) -> None:
+        """``pool_size`` is unused: connections are kept one per thread and host. ``limits``
+        defaults to the configuration's defaults with ``timeout_s``."""
         self._config = config
         self._credentials = dict(credentials)
-        self._http = urllib3.PoolManager(
-            num_pools=32,
-            maxsize=pool_size,
-            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5),
-            timeout=urllib3.Timeout(connect=min(timeout_s, 10.0), read=timeout_s),
-        )
         self._tokens: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
-        self._ranges = RangeClient(timeout_s)
+        self._client = RangeClient(limits or Limits.default(timeout_s), tls_context(config.ca_file))
 
     # -- endpoints -------------------------------------------------------------------------
 
@@ -171,6 +205,16 @@ class RegistryHTTP:
                 log.warning("%s: mirror %s failed (%s); trying the next", what, endpoint.base, exc)
         return op(endpoints[-1])
 
+    def _insecure_ok(self, netloc: str) -> bool:
+        """May credentials and tokens for this ``host[:port]`` travel over plain http?"""
+        return is_loopback(_host(netloc)) or netloc in self._config.insecure
+
+    def credentials_for(self, ref: OciRef, endpoint: Endpoint) -> Credentials | None:
+        """The origin's credentials for the origin; a mirror's own for a mirror."""
+        if endpoint.mirror:
+            return self._credentials.get(urlsplit(endpoint.base).netloc)
+        return self._credentials.get(ref.registry)
+
     # -- requests ----------------------------------------------------------------------------
 
     def request(
@@ -182,96 +226,99 @@ class RegistryHTTP:
         headers: Mapping[str, str],
         *,
         stream: bool = False,
-    ) -> urllib3.BaseHTTPResponse:
-        """Send a request, answering one auth challenge; map failures to SourceError."""
+        max_body: int = MAX_MANIFEST_BYTES,
+    ) -> Response:
+        """Send a request, answering one auth challenge from the endpoint; map failures to
+        SourceError. The body is read before returning, at most ``max_body + 1`` bytes, all
+        within the request deadline (``stream`` changes nothing)."""
         key = (endpoint.base, ref.repository)
-        send = dict(headers)
-        token = self._tokens.get(key)
-        if token:
-            send["Authorization"] = token
-        resp = self._send(method, url, send, stream)
-        if resp.status == 401:
-            challenge = resp.headers.get("WWW-Authenticate", "")
-            resp.drain_conn()
-            resp.release_conn()
-            auth = self._answer(ref, endpoint, challenge)
-            if auth is not None:
-                with self._lock:
-                    self._tokens[key] = auth
-                send["Authorization"] = auth
-                resp = self._send(method, url, send, stream)
-        if resp.status >= 400:
-            raise self._error(resp, f"{method} {url}")
-        return resp
+        reply = self._client.fetch(
+            method,
+            url,
+            headers,
+            max_body=max_body,
+            auth=self._tokens.get(key),
+            authorize=lambda challenge: self.authorization(ref, endpoint, challenge),
+        )
+        self._remember(key, reply.auth)
+        return Response(reply)
 
-    def _send(
-        self, method: str, url: str, headers: Mapping[str, str], stream: bool
-    ) -> urllib3.BaseHTTPResponse:
-        try:
-            return self._http.request(
-                method, url, headers=dict(headers), preload_content=not stream
-            )
-        except urllib3.exceptions.MaxRetryError as exc:
-            raise SourceError(
-                f"{method} {url}: {exc.reason}", reason="network", retryable=True
-            ) from exc
-        except urllib3.exceptions.HTTPError as exc:
-            raise SourceError(f"{method} {url}: {exc}", reason="network", retryable=True) from exc
+    def _remember(self, key: tuple[str, str], auth: str | None) -> None:
+        if auth is not None:
+            with self._lock:
+                self._tokens[key] = auth
 
-    def _answer(self, ref: OciRef, endpoint: Endpoint, challenge: str) -> str | None:
+    def authorization(self, ref: OciRef, endpoint: Endpoint, challenge: str) -> str | None:
+        """The Authorization header answering ``endpoint``'s 401 ``challenge`` (None: nothing
+        to answer with). Raises SourceError for a realm that may not be used."""
         scheme, _, params_text = challenge.partition(" ")
         params = dict(_CHALLENGE.findall(params_text))
-        creds = self._credentials.get(ref.registry)
+        creds = self.credentials_for(ref, endpoint)
         if scheme.lower() == "basic":
-            if creds is None:
-                return None
-            return (
-                "Basic " + base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-            )
+            return None if creds is None else _basic(creds)
         if scheme.lower() != "bearer" or "realm" not in params:
             return None
+        realm = params["realm"]
+        where = urlsplit(endpoint.base)
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise SourceError(
+                f"{endpoint.base} names a token realm that is not an http(s) URL", reason="auth"
+            )
+        if parts.scheme == "http" and (
+            where.scheme != "http" or not self._insecure_ok(where.netloc)
+        ):
+            raise SourceError(
+                f"{endpoint.base} names a token realm on plain http "
+                f"({parts.scheme}://{parts.netloc}{parts.path}); credentials and tokens go over "
+                "plain http only for registries configured insecure",
+                reason="auth",
+            )
         query = {"scope": params.get("scope") or f"repository:{ref.repository}:pull"}
         if "service" in params:
             query["service"] = params["service"]
-        headers = {}
-        if creds is not None:
-            basic = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-            headers["Authorization"] = f"Basic {basic}"
-        url = f"{params['realm']}?{urlencode(query)}"
-        resp = self._send("GET", url, headers, stream=False)
-        if resp.status != 200:
-            raise self._error(resp, f"token request to {params['realm']}")
+        url = f"{realm}{'&' if parts.query else '?'}{urlencode(query)}"
+        what = f"token request to {parts.scheme}://{parts.netloc}{parts.path}"
+        reply = self._client.fetch(
+            "GET",
+            url,
+            {"Accept": "application/json"},
+            max_body=MAX_TOKEN_BYTES,
+            auth=None if creds is None else _basic(creds),
+        )
+        if len(reply.body) > MAX_TOKEN_BYTES:
+            raise SourceError(f"{what}: answer larger than {MAX_TOKEN_BYTES} bytes", reason="auth")
         try:
-            doc = json.loads(resp.data)
+            doc = json.loads(reply.body)
             token = doc.get("token") or doc["access_token"]
-        except (ValueError, KeyError) as exc:
-            raise SourceError(
-                f"token endpoint {params['realm']} answered without a token", reason="auth"
-            ) from exc
+            if not isinstance(token, str) or not token or "\n" in token or "\r" in token:
+                raise ValueError("not a token")
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise SourceError(f"{what}: answered without a token", reason="auth") from exc
         return f"Bearer {token}"
 
-    @staticmethod
-    def _error(resp: urllib3.BaseHTTPResponse, what: str) -> SourceError:
-        body = (resp.data or b"")[:300]
-        resp.release_conn()
-        return status_error(resp.status, resp.headers.get("Retry-After"), body, what)
-
     def read_into(
-        self, ref: OciRef, endpoint: Endpoint, url: str, start: int, buf: memoryview
+        self,
+        ref: OciRef,
+        endpoint: Endpoint,
+        url: str,
+        start: int,
+        buf: memoryview,
+        size: int | None = None,
     ) -> None:
         """GET ``len(buf)`` bytes of a blob from ``start`` straight into ``buf``, answering
-        one auth challenge and remembering the token for the repository."""
+        one auth challenge from the endpoint and remembering the token for the repository.
+        ``size``, the blob's length when known, is checked against ``Content-Range``."""
         key = (endpoint.base, ref.repository)
-        token = self._ranges.get_into(
+        token = self._client.get_into(
             url,
             start,
             buf,
             auth=self._tokens.get(key),
-            authorize=lambda challenge: self._answer(ref, endpoint, challenge),
+            authorize=lambda challenge: self.authorization(ref, endpoint, challenge),
+            size=size,
         )
-        if token is not None:
-            with self._lock:
-                self._tokens[key] = token
+        self._remember(key, token)
 
 
 def _mirror_endpoint(m: Mirror) -> Endpoint:
