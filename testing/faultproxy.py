@@ -1,9 +1,12 @@
 """A fault-injecting HTTP proxy in front of a real registry, for the bad-input tests.
 
 It forwards every request to the upstream registry and counts the body bytes it relays. Rules,
-matched in order against method and path, can answer with an error status (a number of times),
-cut a body short, flip bytes in it, or demand auth (Basic, or Bearer with a token endpoint served
-by the proxy itself, the way registries delegate to a token service).
+matched in order against method and path, can answer with an error status (a number of times,
+with a huge or endless body), redirect elsewhere, cut a body short, flip bytes in it, trickle it,
+replace response headers (a lying ``Content-Range``, a wrong checksum), or demand auth (Basic,
+or Bearer with a token endpoint served by the proxy itself, the way registries delegate to a
+token service, or at a realm named elsewhere). It records the Authorization header of every
+request, and serves plain HTTP or TLS.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import http.client
 import json
 import re
 import secrets
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+from weightcache.testing.tls import ServerCert
 
 _HOP = {
     "connection",
@@ -51,6 +57,16 @@ class Rule:
     """Only match requests whose Range header starts at or after this offset."""
     before: Callable[[], None] | None = None
     """Run this (in the proxy's thread) before answering, e.g. to fill a disk or to block."""
+    redirect: str | None = None
+    """Answer 307 to this base URL followed by the request's path and query."""
+    body_bytes: int | None = None
+    """With ``status``: a body of this many filler bytes instead of the short JSON one; -1 sends
+    an endless chunked body."""
+    stall_after: int | None = None
+    """Forward, but after this many body bytes send one byte per ``trickle_s`` seconds."""
+    trickle_s: float = 1.0
+    replace_headers: dict[str, str] = field(default_factory=dict)
+    """Forward, but with these response headers instead of the upstream's."""
     hits: int = 0
 
     def matches(self, method: str, path: str, range_start: int) -> bool:
@@ -68,6 +84,14 @@ class ProxyState:
     username: str = "puller"
     password: str = "s3cret"
     tokens: set[str] = field(default_factory=set)
+    realm: str = ""
+    """The Bearer realm named in challenges; '' means the proxy's own ``/token``."""
+    scheme: str = "http"
+    forward_auth: bool = False
+    """Pass the client's Authorization header upstream (an S3 endpoint behind the proxy)."""
+    seen_auth: list[tuple[str, str]] = field(default_factory=list)
+    """(path, Authorization header or '') of every request received."""
+    closing: threading.Event = field(default_factory=threading.Event)
     bytes_relayed: int = 0
     blob_bytes_relayed: int = 0
     """Body bytes of blob responses only (what a fetch of model content cost)."""
@@ -77,6 +101,8 @@ class ProxyState:
     def reset(self) -> None:
         with self.lock:
             self.rules.clear()
+            self.realm = ""
+            self.seen_auth.clear()
             self.bytes_relayed = 0
             self.blob_bytes_relayed = 0
             self.requests.clear()
@@ -112,6 +138,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         st = self.state
         url = urlsplit(self.path)
+        with st.lock:
+            st.seen_auth.append((url.path, self.headers.get("Authorization", "")))
         if url.path == "/token":
             if not self._basic_ok():
                 self._reply(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}')
@@ -128,22 +156,55 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if st.auth and url.path.startswith("/v2/") and not self._authorized():
             host = self.headers.get("Host", "")
+            realm = st.realm or f"{st.scheme}://{host}/token"
             challenge = (
                 f'Basic realm="{host}"'
                 if st.auth == "basic"
-                else f'Bearer realm="http://{host}/token",service="test-registry"'
+                else f'Bearer realm="{realm}",service="test-registry"'
             )
             self._reply(
                 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge}
             )
             return
         rule = self._rule(url.path)
+        if rule is not None and rule.redirect is not None:
+            with st.lock:
+                st.requests.append((self.command, url.path, 307))
+            self._reply(307, b"", {"Location": rule.redirect.rstrip("/") + self.path})
+            return
         if rule is not None and rule.status is not None:
             with st.lock:
                 st.requests.append((self.command, url.path, rule.status))
-            self._reply(rule.status, b'{"errors":[{"code":"INJECTED"}]}', rule.headers)
+            if rule.body_bytes is None:
+                self._reply(rule.status, b'{"errors":[{"code":"INJECTED"}]}', rule.headers)
+            else:
+                self._filler(rule.status, rule.body_bytes, rule.headers)
             return
         self._forward(rule)
+
+    def _filler(self, status: int, size: int, headers: dict[str, str]) -> None:
+        """A body of ``size`` filler bytes (endless and chunked when -1), sent until the
+        client hangs up."""
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if size < 0:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(size))
+        self.end_headers()
+        chunk = b"x" * (1 << 16)
+        try:
+            if size < 0:
+                while not self.state.closing.is_set():
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            while size > 0 and not self.state.closing.is_set():
+                n = min(size, len(chunk))
+                self.wfile.write(chunk[:n])
+                size -= n
+        except OSError:
+            pass
+        self.close_connection = True
 
     def _authorized(self) -> bool:
         if self.state.auth == "basic":
@@ -180,16 +241,19 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {
             k: v
             for k, v in self.headers.items()
-            if k.lower() not in _HOP and k.lower() != "authorization"
+            if k.lower() not in _HOP and (st.forward_auth or k.lower() != "authorization")
         }
         headers["Host"] = up.netloc
         try:
             conn.request(self.command, self.path, headers=headers)
             resp = conn.getresponse()
             self.send_response(resp.status)
+            replaced = {k.lower() for k in (rule.replace_headers if rule else {})}
             for k, v in resp.getheaders():
-                if k.lower() not in _HOP:
+                if k.lower() not in _HOP and k.lower() not in replaced:
                     self.send_header(k, v)
+            for k, v in (rule.replace_headers if rule else {}).items():
+                self.send_header(k, v)
             self.end_headers()
             with st.lock:
                 st.requests.append((self.command, urlsplit(self.path).path, resp.status))
@@ -206,6 +270,14 @@ class _Handler(BaseHTTPRequestHandler):
                     chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
                 if (
                     rule is not None
+                    and rule.stall_after is not None
+                    and sent + len(chunk) > rule.stall_after
+                ):
+                    self._trickle(chunk, max(0, rule.stall_after - sent), rule.trickle_s)
+                    self.close_connection = True
+                    return
+                if (
+                    rule is not None
                     and rule.truncate_at is not None
                     and sent + len(chunk) > rule.truncate_at
                 ):
@@ -217,10 +289,22 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
                 sent += len(chunk)
                 self._count(len(chunk))
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.close_connection = True
         finally:
             conn.close()
+
+    def _trickle(self, chunk: bytes, fast: int, every_s: float) -> None:
+        """Send ``fast`` bytes of ``chunk``, then one byte per ``every_s`` seconds until the
+        chunk is out, the client hangs up or the proxy closes."""
+        self.wfile.write(chunk[:fast])
+        self._count(fast)
+        for i in range(fast, len(chunk)):
+            if self.state.closing.wait(every_s):
+                return
+            self.wfile.write(chunk[i : i + 1])
+            self.wfile.flush()
+            self._count(1)
 
 
 @dataclass(frozen=True)
@@ -230,21 +314,28 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.state.scheme}://{self.host}"
 
 
 @contextlib.contextmanager
-def run_fault_proxy(upstream: str) -> Iterator[FaultProxy]:
-    """Serve a fault-injecting proxy to ``upstream`` on a free 127.0.0.1 port."""
-    state = ProxyState(upstream=upstream)
+def run_fault_proxy(upstream: str, tls: ServerCert | None = None) -> Iterator[FaultProxy]:
+    """Serve a fault-injecting proxy to ``upstream`` on a free 127.0.0.1 port, over TLS with
+    ``tls`` when given."""
+    state = ProxyState(upstream=upstream, scheme="https" if tls else "http")
     handler = type("Handler", (_Handler,), {"state": state})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
+    if tls is not None:
+        # The handshake runs in the request's thread, so a silent client blocks nobody else.
+        server.socket = tls.server_context().wrap_socket(
+            server.socket, server_side=True, do_handshake_on_connect=False
+        )
     thread = threading.Thread(target=server.serve_forever, name="fault-proxy", daemon=True)
     thread.start()
     try:
         yield FaultProxy(host=f"127.0.0.1:{server.server_address[1]}", state=state)
     finally:
+        state.closing.set()
         server.shutdown()
         server.server_close()
         thread.join()
