@@ -48,10 +48,10 @@ from common import MB, measure, output_arguments, say
 from weightcache.csi.mounter import SystemMounter
 from weightcache.csi.node import NodeService
 from weightcache.csi.server import start_server
-from weightcache.daemon.config import Config, StoreConfig
+from weightcache.daemon.config import Config, CsiConfig, PolicyConfig, StoreConfig
 from weightcache.daemon.hashing import Fingerprint, StreamHasher
 from weightcache.daemon.plan import listing_digest
-from weightcache.daemon.store.store import READY, Store
+from weightcache.daemon.store.store import READY, Access, Store
 from weightcache.daemon.wiring import build_fetcher, build_policy
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
@@ -150,7 +150,7 @@ def build_model(store: Store, src: Path, key: str, nbytes: int, files: int, part
     listing = [(p.name, fp.size, fp.sha256) for p, fp in zip(paths, fps, strict=True)]
     digest = listing_digest(listing)
     ref = f"file://{src}"
-    store.begin(digest, ref, "file", nbytes)
+    store.begin(digest, ref, "file", nbytes, Access.ANONYMOUS)
     for path, fp in zip(paths, fps, strict=True):
         # The store's staging is on the same filesystem: a hard link stands for the download.
         staged = store.temp_path("bench")
@@ -339,7 +339,11 @@ def main() -> int:
     small_bytes = int(args.small_gib * GIB)
     large_bytes = int(args.large_gib * GIB)
     work = Path(tempfile.mkdtemp(prefix="wc-bench-publish-", dir=args.workdir or "/var/tmp"))
-    config = Config(store=StoreConfig(root=work / "store"))
+    config = Config(
+        store=StoreConfig(root=work / "store"),
+        policy=PolicyConfig(file_roots=(work / "src",)),
+        csi=CsiConfig(kubelet_dir=work / "pods"),
+    )
     store = Store(config.store)
     fetcher = build_fetcher(config, store)
     try:
@@ -366,7 +370,8 @@ def main() -> int:
                 store,
                 fetcher,
                 SystemMounter(),
-                build_policy(config),
+                build_policy(config, fetcher.sources),
+                kubelet_dir=config.csi.kubelet_dir,
                 publish_wait_s=2.0,
             )
             latencies = asyncio.run(

@@ -35,11 +35,17 @@ class OutOfRange(WeightcacheError):
     """CreateVolume: the capacity range cannot hold the model."""
 
 
+class FailedPrecondition(WeightcacheError):
+    """The request cannot be served in the state the node is in (e.g. a target holding a
+    mount that is not this store's)."""
+
+
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidReference, grpc.StatusCode.INVALID_ARGUMENT),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
     (PolicyDenied, grpc.StatusCode.PERMISSION_DENIED),

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.message import Message
 
 from weightcache.csi.errors import status_for
+from weightcache.daemon.errors import public_message
 from weightcache.proto import csi_pb2
 
 log = logging.getLogger("weightcache.csi")
@@ -78,7 +79,9 @@ class LoggingInterceptor(_Base):
                     exc,
                     exc_info=code == grpc.StatusCode.INTERNAL,
                 )
-                await context.abort(code, str(exc) or type(exc).__name__)
+                # The log has the whole story; the caller (and the pod's events) only what a
+                # tenant may read.
+                await context.abort(code, public_message(exc))
                 raise  # unreachable: abort raises
 
         return grpc.unary_unary_rpc_method_handler(

@@ -33,6 +33,14 @@ class MountEntry:
     root: str
     """The path inside the source filesystem that is mounted (the bind source, for binds)."""
     options: frozenset[str]
+    device: str = ""
+    """``major:minor`` of the mounted filesystem."""
+
+
+def device_of(path: Path) -> str:
+    """``major:minor`` of the filesystem holding ``path``, as mountinfo spells it."""
+    dev = os.stat(path).st_dev
+    return f"{os.major(dev)}:{os.minor(dev)}"
 
 
 class Mounter(Protocol):
@@ -67,7 +75,7 @@ def parse_mountinfo(text: str) -> dict[str, MountEntry]:
         if len(fields) < 10:
             continue
         root, target, options = _unescape(fields[3]), _unescape(fields[4]), fields[5]
-        out[target] = MountEntry(target, root, frozenset(options.split(",")))
+        out[target] = MountEntry(target, root, frozenset(options.split(",")), fields[2])
     return out
 
 
@@ -113,7 +121,7 @@ class FakeMounter:
         if not target.is_dir():
             raise MountError(f"mount --bind {source} {target}: target is not a directory")
         self.table[str(target)] = MountEntry(
-            str(target), str(source), frozenset({"ro", "nosuid", "nodev"})
+            str(target), str(source), frozenset({"ro", "nosuid", "nodev"}), device_of(source)
         )
 
     def unmount(self, target: Path) -> None:
@@ -121,12 +129,3 @@ class FakeMounter:
 
     def mounts(self) -> dict[str, MountEntry]:
         return dict(self.table)
-
-
-def is_stale(target: Path) -> bool:
-    """True when ``target`` is a mount point whose filesystem is gone (ENOTCONN / ESTALE)."""
-    try:
-        os.stat(target)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ESTALE)
-    return False

@@ -12,6 +12,9 @@ changes); a failed check quarantines the file, refuses the mount and starts the 
 A publish never waits on a download for more than ``publish_wait_s``: it starts (or joins) the
 fetch and answers UNAVAILABLE with the progress, and the kubelet's retry mounts the model once
 it is ready.
+
+Both act only on target paths under the kubelet's directory with no symlink below it, and
+unpublish unmounts only mounts of this store's model trees.
 """
 
 from __future__ import annotations
@@ -19,26 +22,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from weightcache.csi.errors import AlreadyExists, InvalidArgument
+from weightcache.csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from weightcache.csi.interceptor import Context
-from weightcache.csi.mounter import Mounter, is_stale
+from weightcache.csi.mounter import MountEntry, Mounter, device_of
 from weightcache.csi.volume import VolumeAttributes, parse_volume_attributes
-from weightcache.daemon.errors import FetchInProgress, ModelCorrupt, NotCached
+from weightcache.daemon.errors import FetchInProgress, ModelCorrupt, NotCached, public_message
 from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.policy import Policy
+from weightcache.daemon.references import Aliases
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.store import CORRUPT, READY, Store
 from weightcache.daemon.store.verify import check_model
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
 MOUNT_PIN = "mount"
+_TREE = re.compile(r"/models/[0-9a-f]{64}$")
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
@@ -49,10 +56,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         fetcher: Fetcher,
         mounter: Mounter,
         policy: Policy,
+        *,
+        kubelet_dir: Path,
+        aliases: Aliases | None = None,
         publish_wait_s: float = 2.0,
         metrics: Metrics | None = None,
     ) -> None:
         self._node_id = node_id
+        self._kubelet_dir = kubelet_dir
+        self._kubelet_real = Path(os.path.realpath(kubelet_dir))
+        self._aliases = aliases
         self._store = store
         self._fetcher = fetcher
         self._mounter = mounter
@@ -76,6 +89,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self._lock_users[key] -= 1
             if not self._lock_users[key]:
                 del self._lock_users[key], self._locks[key]
+
+    @property
+    def policy(self) -> Policy:
+        """The tenant policy, which the warm controller shares."""
+        return self._policy
 
     def reconcile(self) -> list[str]:
         """On start: drop mount pins whose mount is gone (a reboot, a manual umount). Nothing is
@@ -106,14 +124,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodePublishVolumeResponse:
         if not request.volume_id:
             raise InvalidArgument("volume_id is required")
-        target = _target(request.target_path)
+        target = self._target(request.target_path)
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability is required")
         if request.volume_capability.HasField("block"):
             raise InvalidArgument("block access is not supported: models are mounted as files")
         # The kubelet sends SINGLE_NODE_WRITER (and readonly=false) for inline volumes:
         # every access mode is accepted, and the mount is read-only whatever is asked.
-        attrs = parse_volume_attributes(request.volume_context)
+        attrs = parse_volume_attributes(request.volume_context, self._aliases)
         secrets = dict(request.secrets)
         started = time.perf_counter()
         result = "error"
@@ -121,11 +139,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             async with self._serialized(target):
                 cached = self._store.cached_model(str(attrs.model))
                 await asyncio.to_thread(
-                    self._policy.authorize,
-                    attrs.model,
-                    attrs.pod_namespace,
-                    secrets,
-                    cached.digest if cached else None,
+                    self._policy.authorize, attrs.model, attrs.pod_namespace, secrets, cached
                 )
                 if cached is not None and cached.state == READY:
                     row, hit = cached, True
@@ -148,8 +162,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         digest = row.digest if row is not None else None
         if row is not None and row.state == CORRUPT:
             self._repair(attrs, row.digest)
+            # The damage is the store's own words (a relative path and what differs); why a
+            # repair failed may quote a source, so it is told in public words only.
+            damage = row.error.split("; repair failed: ")[0]
+            failure = self._fetcher.repair_failure(row.digest)
+            repair = f"; repair failed: {public_message(failure)}" if failure else ""
             raise ModelCorrupt(
-                f"model {ref} ({row.digest}) failed a re-check: {row.error}; "
+                f"model {ref} ({row.digest}) failed a re-check: {damage}{repair}; "
                 "it is refused until it is repaired"
             )
         if attrs.fetch == "CachedOnly":
@@ -165,7 +184,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             return f"model {ref} is being fetched to this node; retry shortly"
         pct = 100.0 * progress.done / progress.total if progress.total else 0.0
         eta = f", ETA {progress.eta:.0f}s" if progress.eta is not None else ""
-        last = f", last error: {progress.last_error}" if progress.last_error else ""
+        last = f", last error: {progress.last_error_public}" if progress.last_error else ""
         return (
             f"model {ref} is being fetched to this node: {progress.done} of "
             f"{progress.total} bytes ({pct:.0f}%), {progress.rate / 1e6:.0f} MB/s{eta}{last}"
@@ -219,6 +238,41 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     target.rmdir()
             raise
 
+    def _target(self, raw: str) -> Path:
+        """The target as the kernel's mount table names it: under the kubelet's directory
+        (as configured or resolved), with no symlink below it."""
+        if not raw:
+            raise InvalidArgument("target_path is required")
+        if not raw.startswith("/") or "/../" in f"{raw}/" or "\x00" in raw:
+            raise InvalidArgument(f"target_path {raw!r} must be an absolute path without '..'")
+        path = Path(os.path.normpath(raw))
+        for base in (self._kubelet_dir, self._kubelet_real):
+            if path.is_relative_to(base) and path != base:
+                rel = path.relative_to(base)
+                break
+        else:
+            raise InvalidArgument(
+                f"target_path {raw!r} is not under the kubelet's directory {self._kubelet_dir}"
+            )
+        current = self._kubelet_real
+        for part in rel.parts:
+            current = current / part
+            try:
+                mode = os.lstat(current).st_mode
+            except FileNotFoundError:
+                break
+            if stat.S_ISLNK(mode):
+                raise InvalidArgument(f"target_path {raw!r} passes through a symlink")
+        return self._kubelet_real / rel
+
+    def _is_ours(self, entry: MountEntry) -> bool:
+        """A bind mount of one of this store's model trees (its filesystem, a tree's path)."""
+        try:
+            device = device_of(self._store.layout.models)
+        except OSError:
+            return False
+        return entry.device == device and _TREE.search(entry.root) is not None
+
     # -- unpublish -----------------------------------------------------------------------------
 
     async def NodeUnpublishVolume(
@@ -226,13 +280,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         if not request.volume_id:
             raise InvalidArgument("volume_id is required")
-        target = _target(request.target_path)
+        target = self._target(request.target_path)
         async with self._serialized(target):
             await _to_thread_to_the_end(self._unpublish, target)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     def _unpublish(self, target: Path) -> None:
-        if str(target) in self._mounter.mounts() or is_stale(target):
+        entry = self._mounter.mounts().get(str(target))
+        if entry is not None:
+            if not self._is_ours(entry):
+                raise FailedPrecondition(
+                    f"{target} holds a mount that is not a weightcache model; left alone"
+                )
             self._mounter.unmount(target)
         with contextlib.suppress(FileNotFoundError):
             if target.is_dir() and not os.listdir(target):
@@ -252,11 +311,3 @@ async def _to_thread_to_the_end(func: Callable[..., None], *args: Any) -> None:
     except asyncio.CancelledError:
         await asyncio.wait([task])
         raise
-
-
-def _target(raw: str) -> Path:
-    if not raw:
-        raise InvalidArgument("target_path is required")
-    if not raw.startswith("/") or "/../" in f"{raw}/":
-        raise InvalidArgument(f"target_path {raw!r} must be an absolute path without '..'")
-    return Path(raw)

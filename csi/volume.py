@@ -13,7 +13,7 @@ from typing import Literal
 
 from weightcache.csi.errors import InvalidArgument
 from weightcache.daemon.errors import InvalidReference
-from weightcache.daemon.references import ModelRef, parse_reference
+from weightcache.daemon.references import Aliases, ModelRef, parse_reference
 
 POD_NAME = "csi.storage.k8s.io/pod.name"
 POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
@@ -36,8 +36,11 @@ class VolumeAttributes:
     ephemeral: bool = False
 
 
-def parse_volume_attributes(context: Mapping[str, str]) -> VolumeAttributes:
-    """Parse volume_context (or StorageClass parameters); InvalidArgument names the field."""
+def parse_volume_attributes(
+    context: Mapping[str, str], aliases: Aliases | None = None
+) -> VolumeAttributes:
+    """Parse volume_context (or StorageClass parameters); InvalidArgument names the field.
+    The model reference comes out canonical (``aliases``: the config's registry aliases)."""
     unknown = sorted(k for k in context if k not in OWN_KEYS and not k.startswith(KUBE_PREFIX))
     if unknown:
         raise InvalidArgument(
@@ -48,7 +51,7 @@ def parse_volume_attributes(context: Mapping[str, str]) -> VolumeAttributes:
     if not raw_model:
         raise InvalidArgument("volume attribute 'model' is required (oci://, s3:// or file://)")
     try:
-        model = parse_reference(raw_model)
+        model = parse_reference(raw_model, aliases)
     except InvalidReference as exc:
         raise InvalidArgument(f"volume attribute 'model': {exc}") from exc
     verify = context.get("verify", "fast")

@@ -89,7 +89,7 @@ def _eta(row: ModelRow) -> float | None:
 
 def warm(config: Config, refs: list[str], json_out: bool) -> int:
     try:
-        parsed: list[ModelRef] = [parse_reference(r) for r in refs]
+        parsed: list[ModelRef] = [parse_reference(r, config.registry.aliases) for r in refs]
     except InvalidReference as exc:
         _say(f"weightcache warm: {exc}")
         return EXIT_USAGE

@@ -12,7 +12,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from weightcache.daemon.errors import WeightcacheError
+from weightcache.daemon.errors import InvalidReference, WeightcacheError
+from weightcache.daemon.references import canonical_registry
 
 
 class ConfigError(WeightcacheError):
@@ -55,6 +56,8 @@ class FetchConfig:
     request_deadline_s: float = 60.0
     """Overall deadline of one manifest, token or metadata request: connect, redirects, headers
     and body together."""
+    max_layer_members: int = 100_000
+    """Entries one tar layer may hold (files, directories, links, whiteouts); more is refused."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,9 @@ class RegistryConfig:
     ca_file: Path | None = None
     """PEM certificates trusted, besides the system's, for registries, mirrors and token realms
     reached over HTTPS."""
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    """Other spellings of a registry (``host[:port]``: an IP, an internal name) -> the one
+    references are folded into, so the policy, the index and node labels see one model."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,9 @@ class PolicyConfig:
     credential_cache_s: float = 60.0
     """How long a pull-secret check against the registry is remembered."""
     rules: tuple[PolicyRule, ...] = ()
+    file_roots: tuple[Path, ...] = ()
+    """Directories under which ``file://`` models may be served to pods and warmed (symlinks
+    resolved first). Empty: the node agent refuses ``file://``; the CLI always takes it."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,24 @@ class WarmConfig:
     """How often the controller re-checks the store (evictions) without a cluster change."""
     retry_failed_s: float = 300.0
     """How long a failed warm waits before it is tried again."""
+    namespace_bytes: int = 0
+    """Bytes of models that warm pins of one namespace's workloads may hold on this node;
+    0: no limit (the store's budget still applies)."""
+    refs_per_workload: int = 8
+    """References one workload's annotation may name; a workload naming more warms nothing."""
+    labels_per_node: int = 64
+    """``warm.weightcache.io/`` labels this node carries at most."""
+    idle_pin_s: float = 7 * 24 * 3600.0
+    """A warm pin on a model no pod has mounted for this long is released (the model becomes
+    evictable) until a pod mounts it or the workload changes; 0: never."""
+
+
+@dataclass(frozen=True)
+class CsiConfig:
+    """Where the CSI node service may act."""
+
+    kubelet_dir: Path = Path("/var/lib/kubelet")
+    """Publish and unpublish act only on target paths under this directory."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +168,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     warm: WarmConfig = field(default_factory=WarmConfig)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
+    csi: CsiConfig = field(default_factory=CsiConfig)
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
@@ -194,13 +222,14 @@ def _coerce(default: Any, value: Any) -> Any:
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Build a validated :class:`Config` from a parsed TOML document."""
-    unknown = set(data) - {"store", "fetch", "registry", "policy", "warm", "scrub"}
+    unknown = set(data) - {"store", "fetch", "registry", "policy", "warm", "scrub", "csi"}
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}")
     store = _build(StoreConfig, data.get("store", {}), "store")
     fetch = _build(FetchConfig, data.get("fetch", {}), "fetch")
     reg = dict(data.get("registry", {}))
     mirrors_raw = reg.pop("mirrors", {})
+    aliases_raw = reg.pop("aliases", {})
     registry = _build(RegistryConfig, reg, "registry")
     mirrors: dict[str, tuple[Mirror, ...]] = {}
     for host, entries in mirrors_raw.items():
@@ -214,9 +243,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
                 raise ConfigError(f"[registry.mirrors] {host}[{i}]: expected {{url = ...}}")
             built.append(_build(Mirror, entry, f"registry.mirrors.{host}[{i}]"))
         mirrors[host] = tuple(built)
-    registry = RegistryConfig(
-        insecure=registry.insecure, mirrors=mirrors, docker_config=registry.docker_config
-    )
+    registry = replace(registry, mirrors=mirrors, aliases=_aliases(aliases_raw))
     config = Config(
         store=store,
         fetch=fetch,
@@ -224,6 +251,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         policy=_policy(data.get("policy", {})),
         warm=_build(WarmConfig, data.get("warm", {}), "warm"),
         scrub=_build(ScrubConfig, data.get("scrub", {}), "scrub"),
+        csi=_build(CsiConfig, data.get("csi", {}), "csi"),
     )
     validate(config)
     return config
@@ -232,7 +260,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
 def _policy(data: Mapping[str, Any]) -> PolicyConfig:
     raw = dict(data)
     rules_raw = raw.pop("rules", [])
-    base = _build(PolicyConfig, raw, "policy")
+    base: PolicyConfig = _build(PolicyConfig, raw, "policy")
     if not isinstance(rules_raw, list):
         raise ConfigError("[policy] rules: expected [[policy.rules]] tables")
     rules = []
@@ -247,9 +275,27 @@ def _policy(data: Mapping[str, Any]) -> PolicyConfig:
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"[{where}]: patterns must be non-empty strings")
         rules.append(rule)
-    return PolicyConfig(
-        default=base.default, credential_cache_s=base.credential_cache_s, rules=tuple(rules)
-    )
+    roots: list[Path] = []
+    for root in base.file_roots:  # the list as written: strings, until checked here
+        text: object = root
+        if not isinstance(text, str) or not text.startswith("/"):
+            raise ConfigError(f"[policy] file_roots: {text!r} is not an absolute path")
+        roots.append(Path(text))
+    return replace(base, rules=tuple(rules), file_roots=tuple(roots))
+
+
+def _aliases(data: Any) -> dict[str, str]:
+    if not isinstance(data, dict):
+        raise ConfigError('[registry.aliases]: expected a table of "alias" = "registry"')
+    out = {}
+    for alias, target in data.items():
+        if not isinstance(target, str):
+            raise ConfigError(f"[registry.aliases] {alias}: expected a registry host string")
+        try:
+            out[canonical_registry(alias)] = canonical_registry(target)
+        except InvalidReference as exc:
+            raise ConfigError(f"[registry.aliases] {alias}: {exc}") from exc
+    return out
 
 
 def validate(config: Config) -> None:
@@ -271,6 +317,8 @@ def validate(config: Config) -> None:
             "[fetch] stall_bytes_per_s must not be negative; stall_window_s and "
             "request_deadline_s must be positive"
         )
+    if f.max_layer_members < 1:
+        raise ConfigError("[fetch] max_layer_members must be at least 1")
     p = config.policy
     if p.default not in ("allow", "deny"):
         raise ConfigError(f"[policy] default must be allow or deny, not {p.default!r}")
@@ -283,6 +331,15 @@ def validate(config: Config) -> None:
         raise ConfigError("[warm] reconnect_delays must list non-negative delays")
     if w.retry_failed_s < 0:
         raise ConfigError("[warm] retry_failed_s must not be negative")
+    if w.namespace_bytes < 0 or w.refs_per_workload < 1 or w.labels_per_node < 1:
+        raise ConfigError(
+            "[warm] namespace_bytes must not be negative; refs_per_workload and "
+            "labels_per_node must be at least 1"
+        )
+    if w.idle_pin_s < 0:
+        raise ConfigError("[warm] idle_pin_s must not be negative")
+    if not config.csi.kubelet_dir.is_absolute():
+        raise ConfigError("[csi] kubelet_dir must be an absolute path")
     if config.scrub.bytes_per_s < 0 or config.scrub.idle_s <= 0:
         raise ConfigError("[scrub] bytes_per_s must not be negative; idle_s must be positive")
 

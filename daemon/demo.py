@@ -181,7 +181,15 @@ async def _mount(
 
     root = config.store.root.parent
     endpoint = f"unix://{root}/csi/csi.sock"
-    node = NodeService("demo-node", store, fetcher, SystemMounter(), build_policy(config))
+    node = NodeService(
+        "demo-node",
+        store,
+        fetcher,
+        SystemMounter(),
+        build_policy(config, fetcher.sources),
+        kubelet_dir=root / "kubelet",
+        aliases=config.registry.aliases,
+    )
     server = await start_node_server(endpoint, IdentityService(lambda: True), node)
     target = root / "kubelet/pods/demo-pod/volumes/kubernetes.io~csi/model/mount"
     try:
@@ -218,6 +226,7 @@ def _warm_controller(config: Config, store: Store, fetcher: Fetcher, ref: str) -
     from weightcache.daemon.kube.naming import WARM_ANNOTATION, label_key
     from weightcache.daemon.kube.warm import WarmController
     from weightcache.daemon.references import parse_reference
+    from weightcache.daemon.wiring import build_policy
     from weightcache.testing.fake_kube import deployment, node, run_fake_kube
 
     key = label_key(parse_reference(ref))
@@ -229,7 +238,15 @@ def _warm_controller(config: Config, store: Store, fetcher: Fetcher, ref: str) -
             )
         )
         client = KubeClient(str(kube.kubeconfig(config.store.root.parent)), request_timeout_s=10)
-        warm = WarmController("demo-node", client, store, fetcher, config.warm)
+        warm = WarmController(
+            "demo-node",
+            client,
+            store,
+            fetcher,
+            config.warm,
+            build_policy(config, fetcher.sources),
+            aliases=config.registry.aliases,
+        )
         warm.start()
         try:
             told = kube.wait_until(

@@ -34,10 +34,14 @@ class SourceError(WeightcacheError):
     ``retryable`` tells the fetcher whether another attempt can help.
     """
 
-    def __init__(self, message: str, *, reason: str, retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, reason: str, retryable: bool = False, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.retryable = retryable
+        self.status = status
+        """The HTTP status the source answered with, when it answered."""
 
 
 class InsufficientSpace(WeightcacheError):
@@ -58,3 +62,30 @@ class FetchInProgress(WeightcacheError):
 
 class PolicyDenied(WeightcacheError):
     """The node's policy does not let this pod mount this model (namespace or credentials)."""
+
+
+class QuotaExceeded(WeightcacheError):
+    """A warm request over one of the node's quotas; the message names the limit."""
+
+
+def public_message(exc: BaseException) -> str:
+    """What a tenant may read about ``exc`` (a CSI error, an Event in its namespace).
+
+    A source's own words (response bodies, header values, fields of a document served by a
+    host the tenant chose) and anything about the node's files stay in the agent's log: a
+    tenant must not turn the node into a reader of hosts it can name, or into an oracle for
+    node paths. Messages weightcache composes itself from references, sizes, digests and
+    codes are kept."""
+    if isinstance(exc, SourceError):
+        status = f" (HTTP {exc.status})" if exc.status else ""
+        return (
+            f"the model's source failed: {exc.reason}{status}; details are in the node agent's log"
+        )
+    if isinstance(exc, UnsupportedManifest):
+        return (
+            "the model's manifest is not one weightcache accepts; details are in the node "
+            "agent's log"
+        )
+    if isinstance(exc, WeightcacheError):
+        return str(exc)
+    return f"{type(exc).__name__} on the node; details are in the node agent's log"

@@ -34,6 +34,7 @@ from weightcache.daemon.errors import (
     NotCached,
     SourceError,
     WeightcacheError,
+    public_message,
 )
 from weightcache.daemon.hashing import Fingerprint, StreamHasher, chunk_xxh3
 from weightcache.daemon.metrics import Metrics
@@ -44,7 +45,7 @@ from weightcache.daemon.retry import with_retries
 from weightcache.daemon.sources import Sources
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.staging import stage_stream
-from weightcache.daemon.store.store import READY, Store
+from weightcache.daemon.store.store import READY, Access, Store
 from weightcache.daemon.store.tarsafe import (
     LayerTree,
     TreeBuilder,
@@ -71,11 +72,18 @@ class Progress:
     done: int = 0
     started: float = field(default_factory=time.monotonic)
     last_error: str = ""
+    """The last retried failure, in full (the operator's view: ``ls``, the agent's log)."""
+    last_error_public: str = ""
+    """The same in words a tenant may read (:func:`public_message`)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, n: int) -> None:
         with self._lock:
             self.done += n
+
+    def failed(self, exc: BaseException, message: str | None = None) -> None:
+        self.last_error = message or str(exc)
+        self.last_error_public = public_message(exc)
 
     @property
     def rate(self) -> float:
@@ -164,9 +172,13 @@ class Fetcher:
         """Fetch ``ref`` into the store (or find it there); return its ready record."""
         return self.warm_async(ref).result()
 
-    def warm_async(self, ref: ModelRef) -> Future[ModelRow]:
-        """Start (or join) the fetch of ``ref``."""
-        return self._single_flight(str(ref), lambda: self._warm(ref))
+    def warm_async(
+        self, ref: ModelRef, admit: Callable[[ModelPlan], None] | None = None
+    ) -> Future[ModelRow]:
+        """Start (or join) the fetch of ``ref``. ``admit`` sees the resolved plan before any
+        content is fetched and refuses it by raising (a quota); a model already held, or a
+        fetch already running, is joined without asking it."""
+        return self._single_flight(str(ref), lambda: self._warm(ref, admit))
 
     def repair_async(self, digest: str) -> Future[ModelRow]:
         """Start (or join) the repair of a corrupt model: the same content, by digest, from the
@@ -193,6 +205,12 @@ class Fetcher:
         fut.add_done_callback(lambda done: self._forget(key, done))
         return fut
 
+    def repair_failure(self, digest: str) -> BaseException | None:
+        """Why the last repair of ``digest`` failed, while that is remembered."""
+        with self._lock:
+            failed = self._repair_failures.get(digest)
+        return failed[1] if failed is not None else None
+
     def progress(self, digest: str) -> Progress | None:
         return self._progress.get(digest)
 
@@ -212,12 +230,14 @@ class Fetcher:
             stop=self.stop,
         )
 
-    def _warm(self, ref: ModelRef) -> ModelRow:
+    def _warm(self, ref: ModelRef, admit: Callable[[ModelPlan], None] | None) -> ModelRow:
         plan = self.resolve(ref)
         self.store.remember(str(ref), plan.digest)
         row = self._held(plan.digest)
         if row is not None:
             return row
+        if admit is not None:
+            admit(plan)
         with self.store.fetch_lock(plan.digest):
             # Checked again under the lock: another process may have finished it meanwhile.
             return self._held(plan.digest) or self._fetch(plan)
@@ -256,20 +276,51 @@ class Fetcher:
         self.store.touch(digest)
         return row
 
+    def _access(self, plan: ModelPlan) -> Access:
+        public = self.sources.provenance(plan.ref).anonymous(plan.ref, plan.digest)
+        return Access.ANONYMOUS if public else Access.CREDENTIALS
+
+    def _reusable(self, plan: ModelPlan, item: RemoteFile) -> str | None:
+        """The sha256 of a held blob this item may be linked to without a download, or None.
+
+        This model's own record of the path is enough (a source that announces no digest, S3
+        or local, still names an immutable version in the plan digest). A digest the manifest
+        merely names is not: the blob may belong to another tenant's model, so the source
+        must show the requesting repository holds it, at the declared size."""
+        own = self.store.file_sha(plan.digest, item.path)
+        if own and item.sha256 in (None, own) and self.store.has_blob(own):
+            return own
+        sha = item.sha256
+        if not sha or not self.store.has_blob(sha):
+            return None
+        blob = self.store.blob_row(sha)
+        if blob is None or blob.size != item.size:
+            log.warning(
+                "%s: %s declares %d bytes for %s, the held blob has %s: fetching it",
+                plan.ref,
+                item.path,
+                item.size,
+                sha,
+                blob.size if blob else None,
+            )
+            return None
+        if self.store.holds_blob_for(plan.digest, sha):
+            return sha
+        if not self.sources.provenance(plan.ref).holds(plan.ref, item):
+            log.info("%s: no proof the repository holds %s; fetching it", plan.ref, sha)
+            return None
+        return sha
+
     def _fetch(self, plan: ModelPlan) -> ModelRow:
         store = self.store
-        store.begin(plan.digest, str(plan.ref), plan.format, plan.total_bytes)
+        store.begin(plan.digest, str(plan.ref), plan.format, plan.total_bytes, self._access(plan))
         progress = Progress(plan.digest, str(plan.ref), plan.total_bytes)
         self._progress[plan.digest] = progress
         try:
             todo: list[RemoteFile | RemoteArchive] = []
             for item in plan.items:
-                # A source that announces no digest (S3, local) still names an immutable
-                # version in the plan digest, so the sha recorded for this path stays valid.
-                sha = isinstance(item, RemoteFile) and (
-                    item.sha256 or store.file_sha(plan.digest, item.path)
-                )
-                if isinstance(item, RemoteFile) and sha and store.has_blob(sha):
+                sha = self._reusable(plan, item) if isinstance(item, RemoteFile) else None
+                if isinstance(item, RemoteFile) and sha is not None:
                     store.link_blob(plan.digest, item.path, sha)
                     progress.add(item.size)
                 else:
@@ -310,14 +361,14 @@ class Fetcher:
             )
             return row
         except WeightcacheError as exc:
-            progress.last_error = str(exc)
+            progress.failed(exc)
             store.fail(plan.digest, str(exc))
             self.metrics.fetch_failures.labels(failure_reason(exc)).inc()
             raise
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 msg = f"disk full while fetching {plan.ref}: {exc.strerror}"
-                progress.last_error = msg
+                progress.failed(InsufficientSpace(msg))
                 self._discard_partials(plan)  # first: the index needs room to record the failure
                 try:
                     store.fail(plan.digest, msg)
@@ -325,7 +376,7 @@ class Fetcher:
                     log.error("%s; the index could not record it either: %s", msg, db_exc)
                 self.metrics.fetch_failures.labels("no_space").inc()
                 raise InsufficientSpace(msg) from exc
-            progress.last_error = str(exc)
+            progress.failed(exc)
             store.fail(plan.digest, str(exc))
             self.metrics.fetch_failures.labels("io").inc()
             raise
@@ -424,7 +475,7 @@ class Fetcher:
             fetched.inc(len(view))
 
         def note(exc: Exception) -> None:
-            progress.last_error = str(exc)
+            progress.failed(exc)
 
         with_retries(
             attempt,
@@ -458,12 +509,13 @@ class Fetcher:
         hasher = StreamHasher(chunk_size=part)
         partial = self.store.partial(item.staging_key, item.size, part)
         with partial:
-            if item.sha256 and self.store.has_blob(item.sha256):
+            held = self._reusable(plan, item)
+            if held is not None:
                 # Another model's fetch committed the same content while we waited for it.
-                self.store.link_blob(plan.digest, item.path, item.sha256)
+                self.store.link_blob(plan.digest, item.path, held)
                 progress.add(item.size)
                 partial.discard()
-                return item.sha256
+                return held
             known = item.sha256 or self.store.file_sha(plan.digest, item.path)
             repaired = known and self._repair_by_range(plan, item, known, progress, stop)
             if repaired:

@@ -53,7 +53,14 @@ async def run_node(
     metrics = Metrics()
     fetcher = build_fetcher(config, store, metrics=metrics)
     node = NodeService(
-        node_id, store, fetcher, SystemMounter(), build_policy(config), metrics=metrics
+        node_id,
+        store,
+        fetcher,
+        SystemMounter(),
+        build_policy(config, fetcher.sources),
+        kubelet_dir=config.csi.kubelet_dir,
+        aliases=config.registry.aliases,
+        metrics=metrics,
     )
     identity = IdentityService(lambda: ready)
     server = await start_node_server(endpoint, identity, node)
@@ -62,7 +69,15 @@ async def run_node(
     try:
         client = KubeClient(kubeconfig, config.warm.request_timeout_s) if kube else None
         if client is not None:
-            warm = WarmController(node_id, client, store, fetcher, config.warm)
+            warm = WarmController(
+                node_id,
+                client,
+                store,
+                fetcher,
+                config.warm,
+                node.policy,
+                aliases=config.registry.aliases,
+            )
             warm.start()
             log.info("warm controller watching workloads for node %s", node_id)
         scrubber = None

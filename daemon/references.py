@@ -2,12 +2,17 @@
 
 ``oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX]``, ``s3://BUCKET/PREFIX/`` and ``file:///ABS/DIR``.
 Every malformed form raises :class:`InvalidReference` with a message saying what is wrong.
+
+A parsed reference is canonical: the registry host in lower case without a trailing dot, the
+default HTTPS port dropped, and the registry aliases of the config applied. ``str(ref)`` is that
+one form, and it is what the policy matches, the index records, node labels hash and events
+name: two spellings of one model are one model.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Literal
@@ -25,6 +30,9 @@ _HOST = re.compile(
 # S3 bucket naming rules (general purpose buckets).
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _MAX_REF = 4096
+_DEFAULT_PORT = 443
+Aliases = Mapping[str, str]
+"""Registry ``host[:port]`` -> the canonical one it stands for (``[registry] aliases``)."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +90,10 @@ class FileRef:
 ModelRef = OciRef | S3Ref | FileRef
 
 
-def parse_reference(text: str) -> ModelRef:
-    """Parse a reference; raise :class:`InvalidReference` naming the problem."""
+def parse_reference(text: str, aliases: Aliases | None = None) -> ModelRef:
+    """Parse a reference into its canonical form; raise :class:`InvalidReference` naming the
+    problem. ``aliases`` maps other spellings of a registry (an IP, an internal name) to the
+    one the policy and the index use."""
     if not isinstance(text, str) or not text:
         raise InvalidReference("empty model reference")
     if len(text) > _MAX_REF:
@@ -101,7 +111,25 @@ def parse_reference(text: str) -> ModelRef:
             f"model reference {text!r} has unknown scheme {scheme!r}; "
             "expected oci://, s3:// or file://"
         )
-    return parser(text, rest)
+    ref = parser(text, rest)
+    if isinstance(ref, OciRef) and aliases:
+        ref = _apply_alias(text, ref, aliases)
+    return ref
+
+
+def canonical_registry(host_port: str) -> str:
+    """``host[:port]`` as references spell it after parsing (lower case, no :443): the form
+    in which config keys (aliases, insecure hosts, mirrors) are compared."""
+    host, port = _split_host_port(host_port, host_port)
+    return host if port is None else f"{host}:{port}"
+
+
+def _apply_alias(text: str, ref: OciRef, aliases: Aliases) -> OciRef:
+    target = aliases.get(ref.registry)
+    if target is None:
+        return ref
+    host, port = _split_host_port(text, target)
+    return OciRef(host, port, ref.repository, ref.tag, ref.digest)
 
 
 def _parse_oci(text: str, rest: str) -> OciRef:
@@ -153,13 +181,17 @@ def _split_host_port(text: str, host_port: str) -> tuple[str, int | None]:
             port_text = tail[1:]
     elif ":" in host_port:
         host, _, port_text = host_port.partition(":")
+    if host.endswith(".") and not host.startswith("["):
+        host = host[:-1]  # the fully qualified spelling of the same name
     if not _HOST.fullmatch(host) or len(host) > 253:
         raise InvalidReference(f"{text!r}: {host!r} is not a valid registry host name")
+    host = host.lower()
     if port_text is None:
         return host, None
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise InvalidReference(f"{text!r}: port {port_text!r} is not a number in 1-65535")
-    return host, int(port_text)
+    port = int(port_text)
+    return host, None if port == _DEFAULT_PORT else port
 
 
 def _parse_s3(text: str, rest: str) -> S3Ref:

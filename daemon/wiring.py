@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from weightcache.daemon.config import Config
+from weightcache.daemon.config import Config, RegistryConfig
 from weightcache.daemon.fetcher import Fetcher, ProgressCallback
 from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.policy import Policy
@@ -14,6 +14,7 @@ from weightcache.daemon.sources.local import LocalSource
 from weightcache.daemon.sources.oci import OciSource
 from weightcache.daemon.sources.oci_access import RegistryAccess
 from weightcache.daemon.sources.oci_http import RegistryHTTP, load_docker_config
+from weightcache.daemon.sources.provenance import LocalProvenance, OciProvenance
 from weightcache.daemon.sources.s3 import S3Source
 from weightcache.daemon.store.store import Store
 
@@ -36,12 +37,17 @@ def build_sources(config: Config) -> Sources:
         timeout_s=config.fetch.timeout_s,
         pool_size=config.fetch.files_in_parallel * config.fetch.ranges_per_file + 4,
     )
+    # Asks the origin alone, with no credentials at all: is this model public?
+    anonymous = RegistryHTTP(
+        RegistryConfig(insecure=config.registry.insecure), {}, config.fetch.timeout_s, pool_size=2
+    )
     return Sources(
         {
             "oci": OciSource(http),
             "s3": S3Source(_s3_client, config.fetch.timeout_s),
             "file": LocalSource(),
-        }
+        },
+        {"oci": OciProvenance(http, anonymous), "file": LocalProvenance()},
     )
 
 
@@ -63,5 +69,15 @@ def build_fetcher(
     )
 
 
-def build_policy(config: Config) -> Policy:
-    return Policy(config.policy, RegistryAccess(config.registry, config.fetch.timeout_s))
+def build_policy(config: Config, sources: Sources) -> Policy:
+    """The tenant policy; ``sources`` tell whether a model is public (the fetcher's)."""
+    return Policy(
+        config.policy,
+        RegistryAccess(config.registry, config.fetch.timeout_s),
+        lambda ref, manifest: sources.provenance(ref).anonymous(ref, manifest),
+        protected=(
+            config.store.root,
+            config.csi.kubelet_dir,
+            *([config.registry.docker_config.parent] if config.registry.docker_config else []),
+        ),
+    )

@@ -78,7 +78,14 @@ async def serving_node(
     store = Store(config.store)
     fetcher = build_fetcher(config, store)
     node = NodeService(
-        "node-1", store, fetcher, mounter, build_policy(config), publish_wait_s=wait_s
+        "node-1",
+        store,
+        fetcher,
+        mounter,
+        build_policy(config, fetcher.sources),
+        kubelet_dir=config.csi.kubelet_dir,
+        aliases=config.registry.aliases,
+        publish_wait_s=wait_s,
     )
     endpoint = f"unix://{tmp_path}/node.sock"
     server = await start_node_server(endpoint, IdentityService(lambda: True), node)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import subprocess
@@ -11,10 +12,12 @@ from pathlib import Path
 
 from weightcache.daemon.config import (
     Config,
+    CsiConfig,
     FetchConfig,
     PolicyConfig,
     RegistryConfig,
     StoreConfig,
+    WarmConfig,
 )
 
 PART = 1024 * 1024
@@ -27,16 +30,27 @@ def make_config(
     store: dict[str, object] | None = None,
     registry: RegistryConfig | None = None,
     policy: PolicyConfig | None = None,
+    warm: WarmConfig | None = None,
     **fetch: object,
 ) -> Config:
-    """A test configuration: 1 MiB parts, no retry delays, the given overrides."""
+    """A test configuration: 1 MiB parts, no retry delays, the given overrides. The folder
+    holding the store stands for the node: it is the one ``file://`` root (unless ``policy``
+    says otherwise), and its ``kubelet/`` folder is the kubelet's directory, where targets
+    live."""
     settings: dict[str, object] = {"part_bytes": PART, "retry_delays": (0.0, 0.0, 0.0)}
     settings.update(fetch)
+    node = root.parent
+    if policy is None:
+        policy = PolicyConfig(file_roots=(node,))
+    elif not policy.file_roots:
+        policy = dataclasses.replace(policy, file_roots=(node,))
     return Config(
         store=StoreConfig(root=root, **(store or {})),  # type: ignore[arg-type]
         fetch=FetchConfig(**settings),  # type: ignore[arg-type]
         registry=registry or RegistryConfig(),
-        policy=policy or PolicyConfig(),
+        policy=policy,
+        warm=warm or WarmConfig(),
+        csi=CsiConfig(kubelet_dir=node / "kubelet"),
     )
 
 

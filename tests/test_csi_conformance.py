@@ -402,7 +402,7 @@ def test_unpublish_field_errors(
 
 
 def test_publish_refuses_block_and_checks_fields_before_any_lookup(tmp_path: Path) -> None:
-    request = publish("oci://127.0.0.1:9/never/contacted:v1", tmp_path / "t")
+    request = publish("oci://127.0.0.1:9/never/contacted:v1", tmp_path / "kubelet" / "t")
     request.volume_capability.CopyFrom(
         csi_pb2.VolumeCapability(
             block=csi_pb2.VolumeCapability.BlockVolume(),
@@ -417,7 +417,7 @@ def test_publish_refuses_block_and_checks_fields_before_any_lookup(tmp_path: Pat
 
     code, msg, models = asyncio.run(main())
     assert code == Code.INVALID_ARGUMENT and "block access" in msg
-    assert models == 0 and not (tmp_path / "t").exists()
+    assert models == 0 and not (tmp_path / "kubelet" / "t").exists()
 
 
 def test_a_model_that_cannot_fit_is_resource_exhausted(tmp_path: Path) -> None:
@@ -426,9 +426,9 @@ def test_a_model_that_cannot_fit_is_resource_exhausted(tmp_path: Path) -> None:
 
     async def main() -> tuple[Code, str]:
         async with serving_node(tmp_path, config) as n:
-            return await _code(n.stub.NodePublishVolume(publish(ref, tmp_path / "t")))
+            return await _code(n.stub.NodePublishVolume(publish(ref, tmp_path / "kubelet" / "t")))
 
     code, msg = asyncio.run(main())
     assert code == Code.RESOURCE_EXHAUSTED, msg
     assert "needs" in msg and "store budget 65536 bytes" in msg
-    assert not (tmp_path / "t").exists()
+    assert not (tmp_path / "kubelet" / "t").exists()

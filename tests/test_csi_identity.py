@@ -14,7 +14,7 @@ from weightcache.csi.identity import DRIVER_NAME, IdentityService
 from weightcache.csi.interceptor import REDACTED, redacted
 from weightcache.csi.server import socket_path, start_server
 from weightcache.daemon import __version__
-from weightcache.daemon.errors import InsufficientSpace, SourceError
+from weightcache.daemon.errors import InsufficientSpace, SourceError, public_message
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
 
@@ -82,9 +82,13 @@ def test_domain_errors_become_grpc_codes_with_their_message(
     with caplog.at_level(logging.INFO, logger="weightcache.csi"):
         err = _serve_and_call(tmp_path, Failing(exc), call)
     assert err.code() == code
-    assert err.details() == str(exc)
+    # The caller reads the public form (a source's or the runtime's own words stay in the
+    # log); what weightcache composed itself is passed as it is.
+    assert err.details() == public_message(exc)
+    assert (err.details() == str(exc)) == isinstance(exc, (InvalidArgument, InsufficientSpace))
     assert status_for(exc) == code
-    assert sum("GetPluginInfo failed" in r.getMessage() for r in caplog.records) == 1
+    (line,) = [r.getMessage() for r in caplog.records if "GetPluginInfo failed" in r.getMessage()]
+    assert str(exc) in line
 
 
 def test_secrets_are_never_in_the_log_line() -> None:

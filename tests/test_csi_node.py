@@ -42,7 +42,7 @@ def test_publish_mounts_read_only_and_unpublish_removes_it(
     tmp_path: Path, model: tuple[str, dict[str, bytes]]
 ) -> None:
     ref, files = model
-    target = tmp_path / "pods" / "p1" / "volumes" / "model"
+    target = tmp_path / "kubelet" / "pods" / "p1" / "volumes" / "model"
     mounter = SystemMounter()
 
     async def call(stub: csi_pb2_grpc.NodeStub, node: NodeService) -> None:
@@ -71,7 +71,7 @@ def test_not_cached_answers_unavailable_then_mounts(
     tmp_path: Path, model: tuple[str, dict[str, bytes]]
 ) -> None:
     ref, _ = model
-    target = tmp_path / "t"
+    target = tmp_path / "kubelet" / "t"
 
     async def call(stub: csi_pb2_grpc.NodeStub, node: NodeService) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
@@ -92,7 +92,9 @@ def test_cached_only_is_failed_precondition(
 
     async def call(stub: csi_pb2_grpc.NodeStub, node: NodeService) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await stub.NodePublishVolume(publish(ref, tmp_path / "t", fetch="CachedOnly"))
+            await stub.NodePublishVolume(
+                publish(ref, tmp_path / "kubelet" / "t", fetch="CachedOnly")
+            )
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "not cached" in (exc.value.details() or "")
         assert node._store.models() == []  # nothing was fetched
@@ -112,7 +114,7 @@ def test_cached_only_is_failed_precondition(
     ],
 )
 def test_publish_field_errors(tmp_path: Path, mutate: Callable[[Any], None], message: str) -> None:
-    request = publish("file:///models/x", tmp_path / "t")
+    request = publish("file:///models/x", tmp_path / "kubelet" / "t")
     mutate(request)
 
     async def call(stub: csi_pb2_grpc.NodeStub, node: NodeService) -> None:
@@ -126,9 +128,9 @@ def test_publish_field_errors(tmp_path: Path, mutate: Callable[[Any], None], mes
 
 def test_unpublish_of_an_unknown_target_succeeds(tmp_path: Path) -> None:
     async def call(stub: csi_pb2_grpc.NodeStub, node: NodeService) -> None:
-        await stub.NodeUnpublishVolume(unpublish(tmp_path / "never-published"))
+        await stub.NodeUnpublishVolume(unpublish(tmp_path / "kubelet" / "never-published"))
         info = await stub.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
         assert info.node_id == "node-1"
 
     run_node(tmp_path, FakeMounter(), call)
-    assert not (tmp_path / "never-published").exists()
+    assert not (tmp_path / "kubelet" / "never-published").exists()

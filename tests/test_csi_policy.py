@@ -20,6 +20,7 @@ from weightcache.daemon.config import PolicyConfig, PolicyRule, RegistryConfig
 from weightcache.daemon.errors import PolicyDenied, SourceError
 from weightcache.daemon.policy import Policy
 from weightcache.daemon.references import OciRef, parse_reference
+from weightcache.daemon.store.index import ModelRow
 from weightcache.testing.faultproxy import FaultProxy
 from weightcache.testing.models import ModelPublisher, sample_model, write_files
 
@@ -56,18 +57,21 @@ def test_namespaces_allowed_denied_and_unknown(tmp_path: Path) -> None:
                 return exc.value.details() or ""
 
             ref = f"file://{team}"
-            msg = await denied(publish(ref, tmp_path / "t1", **{NS: "team-b"}))
-            assert "'team-b' may not mount" in msg and "team-a*" in msg
-            msg = await denied(publish(ref, tmp_path / "t2"))
+            msg = await denied(publish(ref, tmp_path / "kubelet" / "t1", **{NS: "team-b"}))
+            # The tenant is not told which namespaces the rule grants (the log says).
+            assert "'team-b' may not mount" in msg and "team-a*" not in msg
+            msg = await denied(publish(ref, tmp_path / "kubelet" / "t2"))
             assert "podInfoOnMount" in msg
-            msg = await denied(publish(f"file://{other}", tmp_path / "t3", **{NS: "team-a"}))
+            msg = await denied(
+                publish(f"file://{other}", tmp_path / "kubelet" / "t3", **{NS: "team-a"})
+            )
             assert "no policy rule allows" in msg
             # A refused pod never causes a download, and leaves no directory behind.
             assert n.store.models() == []
             assert not any((tmp_path / t).exists() for t in ("t1", "t2", "t3"))
             await asyncio.to_thread(n.fetcher.warm, parse_reference(ref))
             for ns in ("team-a", "team-a-dev"):
-                target = tmp_path / f"ok-{ns}"
+                target = tmp_path / "kubelet" / f"ok-{ns}"
                 await n.stub.NodePublishVolume(publish(ref, target, **{NS: ns}))
                 assert mountinfo_entries(target) == 1
 
@@ -80,8 +84,8 @@ def test_default_allow_needs_no_pod_info(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving_node(tmp_path, make_config(tmp_path / "store")) as n:
             await asyncio.to_thread(n.fetcher.warm, parse_reference(ref))
-            await n.stub.NodePublishVolume(publish(ref, tmp_path / "t"))
-            assert mountinfo_entries(tmp_path / "t") == 1
+            await n.stub.NodePublishVolume(publish(ref, tmp_path / "kubelet" / "t"))
+            assert mountinfo_entries(tmp_path / "kubelet" / "t") == 1
 
     asyncio.run(main())
 
@@ -125,7 +129,9 @@ def test_pull_secret_checked_against_the_registry(
         async with serving_node(tmp_path, config) as n:
 
             async def denied(secrets: Mapping[str, str], target: str) -> str:
-                request = publish(ref, tmp_path / target, dict(secrets), **{NS: "team-a"})
+                request = publish(
+                    ref, tmp_path / "kubelet" / target, dict(secrets), **{NS: "team-a"}
+                )
                 with pytest.raises(grpc.aio.AioRpcError) as exc:
                     await n.stub.NodePublishVolume(request)
                 assert exc.value.code() == Code.PERMISSION_DENIED, exc.value.details()
@@ -141,22 +147,30 @@ def test_pull_secret_checked_against_the_registry(
             assert n.store.models() == []  # nothing fetched for a refused pod
 
             good = dockerconfig(proxy.host, "puller", "s3cret")
-            request = publish(ref, tmp_path / "ok", good, **{NS: "team-a"})
+            request = publish(ref, tmp_path / "kubelet" / "ok", good, **{NS: "team-a"})
             await n.stub.NodePublishVolume(request)  # checked, then fetched and mounted
-            assert mountinfo_entries(tmp_path / "ok") == 1
+            assert mountinfo_entries(tmp_path / "kubelet" / "ok") == 1
             assert manifest_heads() == 1
-            basic = publish(ref, tmp_path / "ok2", {"username": "puller", "password": "s3cret"})
+            basic = publish(
+                ref, tmp_path / "kubelet" / "ok2", {"username": "puller", "password": "s3cret"}
+            )
             basic.volume_context[NS] = "team-a"
             await n.stub.NodePublishVolume(basic)
             # Once cached, the check names the manifest digest (the tag could move).
-            await n.stub.NodePublishVolume(publish(ref, tmp_path / "ok3", good, **{NS: "team-a"}))
+            await n.stub.NodePublishVolume(
+                publish(ref, tmp_path / "kubelet" / "ok3", good, **{NS: "team-a"})
+            )
             checks = manifest_heads()
             assert checks == 3
-            await n.stub.NodePublishVolume(publish(ref, tmp_path / "ok4", good, **{NS: "team-a"}))
+            await n.stub.NodePublishVolume(
+                publish(ref, tmp_path / "kubelet" / "ok4", good, **{NS: "team-a"})
+            )
             assert manifest_heads() == checks  # the repeat was answered from memory
-            assert all(mountinfo_entries(tmp_path / f"ok{i}") == 1 for i in ("", 2, 3, 4))
+            assert all(
+                mountinfo_entries(tmp_path / "kubelet" / f"ok{i}") == 1 for i in ("", 2, 3, 4)
+            )
             # Another namespace is refused before credentials are even looked at.
-            request = publish(ref, tmp_path / "b", good, **{NS: "team-b"})
+            request = publish(ref, tmp_path / "kubelet" / "b", good, **{NS: "team-b"})
             with pytest.raises(grpc.aio.AioRpcError) as exc:
                 await n.stub.NodePublishVolume(request)
             assert exc.value.code() == Code.PERMISSION_DENIED
@@ -182,33 +196,43 @@ class CountingAccess:
             raise PolicyDenied(f"refused for {manifest}")
 
 
+def PRIVATE(ref: object, manifest: str) -> bool:
+    return False
+
+
+CACHED = ModelRow(
+    *("sha256:" + "1" * 64, "oci://r.example/team/m:v1", "oci", "ready"),
+    *(1, 1, 0.0, 0.0, 0.0, 1, 1, 0.0, "", "credentials"),
+)
+
+
 def test_decisions_are_remembered_briefly() -> None:
     now = [100.0]
     ref = parse_reference("oci://r.example/team/m:v1")
     secrets = {"username": "u", "password": "p"}
     for allow in (True, False):
         access = CountingAccess(allow)
-        policy = Policy(PolicyConfig(credential_cache_s=30), access, clock=lambda: now[0])
+        policy = Policy(PolicyConfig(credential_cache_s=30), access, PRIVATE, clock=lambda: now[0])
         for _ in range(3):
             if allow:
-                policy.authorize(ref, "ns", secrets, "sha256:" + "1" * 64)
+                policy.authorize(ref, "ns", secrets, CACHED)
             else:
                 with pytest.raises(PolicyDenied, match="refused"):
-                    policy.authorize(ref, "ns", secrets, "sha256:" + "1" * 64)
+                    policy.authorize(ref, "ns", secrets, CACHED)
         assert access.calls == 1
         now[0] += 31
         with pytest.raises(PolicyDenied) if not allow else contextlib.nullcontext():
-            policy.authorize(ref, "ns", secrets, "sha256:" + "1" * 64)
+            policy.authorize(ref, "ns", secrets, CACHED)
         assert access.calls == 2
         # Other credentials or another manifest are separate decisions.
         with pytest.raises(PolicyDenied) if not allow else contextlib.nullcontext():
-            policy.authorize(ref, "ns", {**secrets, "password": "q"}, "sha256:" + "1" * 64)
+            policy.authorize(ref, "ns", {**secrets, "password": "q"}, CACHED)
         assert access.calls == 3
 
 
 def test_an_unreachable_registry_is_not_remembered() -> None:
     access = CountingAccess(allow=True, fail=True)
-    policy = Policy(PolicyConfig(), access)
+    policy = Policy(PolicyConfig(), access, PRIVATE)
     ref = parse_reference("oci://r.example/team/m:v1")
     for _ in range(2):
         with pytest.raises(SourceError):

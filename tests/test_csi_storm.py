@@ -19,7 +19,7 @@ TARGETS = 10
 
 def test_publish_unpublish_storm(tmp_path: Path) -> None:
     ref = f"file://{write_files(tmp_path / 'src', sample_model(11))}"
-    targets = [tmp_path / "pods" / f"p{i}" / "mount" for i in range(TARGETS)]
+    targets = [tmp_path / "kubelet" / "pods" / f"p{i}" / "mount" for i in range(TARGETS)]
     rng = random.Random(2026)
     plan = [(rng.choice(targets), rng.random() < 0.6) for _ in range(CALLS)]
 

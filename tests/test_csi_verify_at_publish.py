@@ -47,15 +47,18 @@ def test_fast_check_refuses_a_rewritten_file_and_the_repair_mounts(tmp_path: Pat
             row = await asyncio.to_thread(n.fetcher.warm, parse_reference(ref))
             tree_file = n.store.model_path(row.digest) / victim
             os.utime(tree_file, ns=(1, 1))  # rewritten: mtime differs from the record
-            msg = await _refused(n.stub.NodePublishVolume(publish(ref, tmp_path / "t")))
+            msg = await _refused(n.stub.NodePublishVolume(publish(ref, tmp_path / "kubelet" / "t")))
             assert victim in msg and "mtime changed" in msg and "quarantined" in msg
-            assert mountinfo_entries(tmp_path / "t") == 0 and not (tmp_path / "t").exists()
+            assert (
+                mountinfo_entries(tmp_path / "kubelet" / "t") == 0
+                and not (tmp_path / "kubelet" / "t").exists()
+            )
             assert n.store.pins() == []
             # The repair was started by the refusal; joining it waits for it to finish.
             healed = await asyncio.to_thread(n.fetcher.warm, parse_reference(ref))
             assert healed.state == READY
-            await n.stub.NodePublishVolume(publish(ref, tmp_path / "t"))
-            assert read_tree(tmp_path / "t") == files
+            await n.stub.NodePublishVolume(publish(ref, tmp_path / "kubelet" / "t"))
+            assert read_tree(tmp_path / "kubelet" / "t") == files
 
     asyncio.run(main())
 
@@ -71,18 +74,22 @@ def test_full_check_catches_what_fast_cannot(tmp_path: Path) -> None:
             _flip_keeping_metadata(n.store.model_path(row.digest) / victim, 1000)
             last_fetch = n.fetcher.progress(row.digest)
             # fast trusts unchanged metadata: the continuous scrubber is what finds bit rot.
-            await n.stub.NodePublishVolume(publish(ref, tmp_path / "fast", verify="fast"))
-            await n.stub.NodeUnpublishVolume(unpublish(tmp_path / "fast"))
+            await n.stub.NodePublishVolume(
+                publish(ref, tmp_path / "kubelet" / "fast", verify="fast")
+            )
+            await n.stub.NodeUnpublishVolume(unpublish(tmp_path / "kubelet" / "fast"))
             msg = await _refused(
                 n.stub.NodePublishVolume(
-                    publish(ref, tmp_path / "full", verify="full", fetch="CachedOnly")
+                    publish(ref, tmp_path / "kubelet" / "full", verify="full", fetch="CachedOnly")
                 )
             )
             assert victim in msg and "content differs in 1 chunk" in msg
             assert n.store.model(row.digest).state == CORRUPT  # type: ignore[union-attr]
             # CachedOnly starts no repair: the model stays corrupt and is refused.
             msg = await _refused(
-                n.stub.NodePublishVolume(publish(ref, tmp_path / "again", fetch="CachedOnly"))
+                n.stub.NodePublishVolume(
+                    publish(ref, tmp_path / "kubelet" / "again", fetch="CachedOnly")
+                )
             )
             assert "failed a re-check" in msg and victim in msg
             assert n.fetcher.progress(row.digest) == last_fetch

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import celpy
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -165,7 +167,14 @@ def test_every_object_has_api_version_kind_and_name() -> None:
 
 
 def test_base_objects_are_in_the_weightcache_namespace() -> None:
-    cluster_scoped = {"Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped = {
+        "Namespace",
+        "CSIDriver",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
     for path, doc in _objects():
         if path.parent != DEPLOY or doc["kind"] in cluster_scoped:
             continue
@@ -531,3 +540,131 @@ def test_warm_deployment_annotation_and_mount() -> None:
     keys = {e["key"] for p in preferred for e in p["preference"].get("matchExpressions", [])}
     expected = {label_key(parse_reference(r)) for r in refs}
     assert keys == expected, f"{_rel(path)}: affinity on {keys}, the node labels are {expected}"
+
+
+# -- schemas, admission and placement -----------------------------------------------------------
+
+KUBE_VERSION = "1.34"
+"""The Kubernetes release the manifests are validated against (kubernetes-validate's schemas)."""
+NODE_SA = "system:serviceaccount:weightcache:weightcache-node"
+NODE_NAME_CLAIM = "authentication.kubernetes.io/node-name"
+
+
+def test_every_object_validates_against_the_kubernetes_schemas() -> None:
+    checked = 0
+    for path, doc in _objects():
+        if doc.get("kind") == "Component":
+            continue  # a kustomize component, not an API object
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{_rel(path)}: {doc.get('kind')} {_name(doc)}: {exc.message}")
+        checked += 1
+    assert checked >= 10
+
+
+def _admission_verdict(user: str, claim: str | None, old: Doc, new: Doc) -> str:
+    """Evaluate the shipped ValidatingAdmissionPolicy's CEL for one node update, the way the
+    API server does: match conditions, then variables, then each validation in order."""
+    _, policy = _one("ValidatingAdmissionPolicy", "weightcache-node-labels")
+    env = celpy.Environment()
+
+    def evaluate(expression: str, activation: dict[str, Any]) -> Any:
+        return env.program(env.compile(expression)).evaluate(activation)
+
+    user_info: Doc = {"username": user}
+    if claim is not None:
+        user_info["extra"] = {NODE_NAME_CLAIM: [claim]}
+    activation: dict[str, Any] = {
+        "request": celpy.json_to_cel({"userInfo": user_info}),
+        "object": celpy.json_to_cel(new),
+        "oldObject": celpy.json_to_cel(old),
+    }
+    if not all(evaluate(m["expression"], activation) for m in policy["spec"]["matchConditions"]):
+        return "not matched"
+    activation["variables"] = celpy.celtypes.MapType(
+        {
+            celpy.celtypes.StringType(v["name"]): evaluate(v["expression"], activation)
+            for v in policy["spec"]["variables"]
+        }
+    )
+    for validation in policy["spec"]["validations"]:
+        if not evaluate(validation["expression"], activation):
+            return str(validation["message"])
+    return "allowed"
+
+
+def _node_object(**labels: str) -> Doc:
+    return {
+        "metadata": {"name": "gpu-1", "labels": {"kubernetes.io/hostname": "gpu-1", **labels}},
+        "spec": {"taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]},
+        "status": {"capacity": {"cpu": "64"}},
+    }
+
+
+def test_admission_lets_the_agent_change_only_warm_labels_of_its_own_node() -> None:
+    old = _node_object(**{"warm.weightcache.io/aaa": "true", "team": "a"})
+    swapped = _node_object(**{"warm.weightcache.io/bbb": "true", "team": "a"})
+    relabelled = _node_object(**{"warm.weightcache.io/aaa": "true", "team": "b"})
+    dropped = _node_object(**{"warm.weightcache.io/aaa": "true"})
+    untainted = _node_object(**{"warm.weightcache.io/aaa": "true", "team": "a"})
+    untainted["spec"] = {"taints": []}
+    annotated = _node_object(**{"warm.weightcache.io/aaa": "true", "team": "a"})
+    annotated["metadata"]["annotations"] = {"x": "y"}
+    own_labels = "allowed"
+    other_node = "weightcache's node agent may change only the Node its pod runs on"
+    not_labels = "weightcache's node agent may change only warm.weightcache.io/ labels"
+    cases = [
+        (NODE_SA, "gpu-1", swapped, own_labels),
+        (NODE_SA, "gpu-2", swapped, other_node),
+        (NODE_SA, None, swapped, other_node),
+        (NODE_SA, "gpu-1", relabelled, not_labels),
+        (NODE_SA, "gpu-1", dropped, not_labels),
+        (NODE_SA, "gpu-1", untainted, not_labels),
+        (NODE_SA, "gpu-1", annotated, not_labels),
+        ("system:node:gpu-1", None, relabelled, "not matched"),
+    ]
+    for user, claim, new, verdict in cases:
+        assert _admission_verdict(user, claim, old, new) == verdict, (user, claim, new)
+    _, binding = _one("ValidatingAdmissionPolicyBinding", "weightcache-node-labels")
+    assert binding["spec"] == {
+        "policyName": "weightcache-node-labels",
+        "validationActions": ["Deny"],
+    }
+    kustomization = _load(DEPLOY / "kustomization.yaml")[0]
+    namespace, name = NODE_SA.split(":")[2:]
+    assert kustomization["namespace"] == namespace
+    _one("ServiceAccount", name)
+
+
+def _required_terms(daemonset: Doc) -> list[Doc]:
+    affinity = daemonset["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    terms: list[Doc] = affinity["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    return terms
+
+
+def test_the_daemonset_runs_on_gpu_nodes_only_and_never_on_the_control_plane() -> None:
+    _, daemonset = _one("DaemonSet", "weightcache-node")
+    not_control_plane = {"key": "node-role.kubernetes.io/control-plane", "operator": "DoesNotExist"}
+    terms = _required_terms(daemonset)
+    assert terms
+    for term in terms:
+        expressions = term["matchExpressions"]
+        assert not_control_plane in expressions
+        gpu = [e for e in expressions if e != not_control_plane]
+        assert len(gpu) == 1 and gpu[0]["operator"] == "In" and gpu[0]["values"] == ["true"]
+        assert "gpu" in gpu[0]["key"] or "pci-" in gpu[0]["key"]
+    # The component for every worker node keeps the control plane out.
+    component = _load(DEPLOY / "components" / "all-nodes" / "kustomization.yaml")[0]
+    assert component["kind"] == "Component"
+    (patch,) = component["patches"]
+    assert patch["target"] == {"kind": "DaemonSet", "name": "weightcache-node"}
+    (op,) = yaml.safe_load(patch["patch"])
+    assert op["op"] == "replace"
+    path = op["path"].strip("/").split("/")
+    target: Any = daemonset
+    for part in path:  # the path must exist in the base for a replace to apply
+        target = target[part]
+    assert op["value"] == [{"matchExpressions": [not_control_plane]}]

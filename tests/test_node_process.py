@@ -32,10 +32,21 @@ CAP = csi_pb2.VolumeCapability(
 )
 
 
+def _node_config(tmp_path: Path) -> str:
+    """The node's config file: models may come from ``src/``, pods live under ``pods/``."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[policy]\nfile_roots = ["{tmp_path / "src"}"]\n'
+        f'[csi]\nkubelet_dir = "{tmp_path / "pods"}"\n'
+    )
+    return str(path)
+
+
 def _start(store: Path, endpoint: str, metrics_port: int) -> subprocess.Popen[str]:
     return _spawn(
         *("node", "--no-kube", "--node-name", "n1", "--store", str(store)),
         *("--csi-endpoint", endpoint, "--metrics-address", f"127.0.0.1:{metrics_port}"),
+        *("--config", _node_config(store.parent)),
     )
 
 
@@ -190,6 +201,8 @@ def test_node_process_warms_what_the_cluster_asks_for(tmp_path: Path) -> None:
             f"unix://{tmp_path}/csi.sock",
             "--metrics-address",
             f"127.0.0.1:{port}",
+            "--config",
+            _node_config(tmp_path),
         )
         try:
             logged = _until_serving(proc)

@@ -102,7 +102,7 @@ def test_flipped_bytes_are_found_in_one_pass_refused_and_repaired_by_range(
             assert value("weightcache_verify_bytes_total") == sum(map(len, files.values()))
             assert repairs == [row.digest, row.digest]
             # Refused, naming the file, until repaired.
-            msg = await _refused(h, ref, tmp_path / "early")
+            msg = await _refused(h, ref, tmp_path / "kubelet" / "early")
             assert any(rel in msg for rel in victims)
             healed = await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
             assert healed.state == READY
@@ -110,8 +110,8 @@ def test_flipped_bytes_are_found_in_one_pass_refused_and_repaired_by_range(
             # Only the two damaged chunks crossed the network.
             assert proxy.state.blob_bytes_relayed == 2 * PART
             assert h.fetcher.repaired_bytes == 2 * PART
-            await h.stub.NodePublishVolume(publish(ref, tmp_path / "t"))
-            assert read_tree(tmp_path / "t") == files
+            await h.stub.NodePublishVolume(publish(ref, tmp_path / "kubelet" / "t"))
+            assert read_tree(tmp_path / "kubelet" / "t") == files
             # The next pass finds nothing, and starts with what was verified longest ago.
             order = [sha for sha, _ in h.store.scrub_order()]
             stamps = [h.store.blob_row(sha).verified_at for sha in order]  # type: ignore[union-attr]
@@ -174,7 +174,7 @@ def test_replaced_and_deleted_files(tmp_path: Path) -> None:
             assert sorted((p.path, p.reason) for p in result.problems) == sorted(
                 [(deleted, "file is missing"), (replaced, "inode changed (file replaced)")]
             )
-            msg = await _refused(h, ref, tmp_path / "t")
+            msg = await _refused(h, ref, tmp_path / "kubelet" / "t")
             assert replaced in msg or deleted in msg
             healed = await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
             assert healed.state == READY and read_tree(tree) == files
@@ -201,7 +201,7 @@ def test_a_source_that_is_gone_leaves_the_model_corrupt_with_the_reason(tmp_path
             assert after is not None and after.state == CORRUPT
             assert victim in after.error and "repair failed" in after.error
             assert str(exc.value) in after.error
-            msg = await _refused(h, ref, tmp_path / "t")
+            msg = await _refused(h, ref, tmp_path / "kubelet" / "t")
             assert "repair failed" in msg and victim in msg
             # Asked again at once (a kubelet retry): the failure is answered from memory.
             again = h.fetcher.repair_async(row.digest)

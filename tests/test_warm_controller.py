@@ -20,7 +20,7 @@ from weightcache.daemon.kube.naming import WARM_ANNOTATION, label_key
 from weightcache.daemon.kube.warm import WarmController
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher
+from weightcache.daemon.wiring import build_fetcher, build_policy
 from weightcache.testing.fake_kube import FakeKube, deployment, node, run_fake_kube, statefulset
 from weightcache.testing.faultproxy import FaultProxy, Rule
 from weightcache.testing.models import ModelPublisher, sample_model, write_files
@@ -71,7 +71,9 @@ def running(tmp_path: Path, config: Config | None = None, **node_kwargs: Any) ->
         store = Store(config.store)
         fetcher = build_fetcher(config, store)
         client = KubeClient(str(kube.kubeconfig(tmp_path)), request_timeout_s=10)
-        controller = WarmController(NODE, client, store, fetcher, FAST)
+        controller = WarmController(
+            NODE, client, store, fetcher, FAST, build_policy(config, fetcher.sources)
+        )
         controller.start()
         try:
             yield Running(kube, controller, store, fetcher)
@@ -307,7 +309,8 @@ def test_failures_and_capacity_are_reported_once(tmp_path: Path) -> None:
         passes = r.controller.passes
         r.until(lambda: r.controller.passes > passes + 2, "more passes")
         reasons = sorted(e["reason"] for e in r.events())
-        assert reasons == ["WarmFailed", "WarmFailed", "WarmNoSpace", "WarmStarted", "WarmStarted"]
+        # A directory outside the file roots is refused by the policy before any fetch.
+        assert reasons == ["WarmDenied", "WarmFailed", "WarmNoSpace", "WarmStarted"]
         messages = " | ".join(e["message"] for e in r.events() if e["type"] == "Warning")
         assert "http://not-a-ref" in messages and "/nonexistent/model" in messages
         assert "budget" in messages

@@ -3,7 +3,8 @@
 A node label key's name part is at most 63 characters of ``[A-Za-z0-9._-]``, which no
 reference fits, so the key carries a digest of the normalised reference instead:
 ``warm.weightcache.io/<first 40 hex digits of sha256(reference)>``. The reference is normalised
-as weightcache prints it (``oci://host/repo:tag`` with the default tag spelled out):
+as weightcache prints it (its canonical form: ``oci://host/repo:tag`` with the host in lower
+case, no ``:443``, registry aliases applied and the default tag spelled out):
 ``printf %s oci://host/repo:v1 | sha256sum | cut -c1-40``. The WarmReady event names the key.
 """
 
@@ -13,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 
 from weightcache.daemon.errors import InvalidReference
-from weightcache.daemon.references import ModelRef, parse_reference
+from weightcache.daemon.references import Aliases, ModelRef, parse_reference
 
 WARM_ANNOTATION = "weightcache.io/warm"
 LABEL_PREFIX = "warm.weightcache.io/"
@@ -31,8 +32,9 @@ class WarmRequest:
     """One message per entry that is not a valid reference (reported, never guessed at)."""
 
 
-def parse_warm_annotation(value: str) -> WarmRequest:
-    """``REF[,REF...]``; blanks around entries are ignored, duplicates collapse."""
+def parse_warm_annotation(value: str, aliases: Aliases | None = None) -> WarmRequest:
+    """``REF[,REF...]``; blanks around entries are ignored, duplicates (after folding into the
+    canonical form) collapse."""
     refs: dict[str, ModelRef] = {}
     errors = []
     for raw in value.split(","):
@@ -40,7 +42,7 @@ def parse_warm_annotation(value: str) -> WarmRequest:
         if not entry:
             continue
         try:
-            ref = parse_reference(entry)
+            ref = parse_reference(entry, aliases)
         except InvalidReference as exc:
             errors.append(str(exc))
             continue

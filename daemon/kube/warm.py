@@ -3,8 +3,11 @@
 Level-based: informers keep local copies of Deployments, StatefulSets and this node, and every
 change wakes one reconcile pass that compares what is wanted with what the store holds:
 
-- wanted: for each workload carrying ``weightcache.io/warm`` whose pod template could schedule
-  here (:mod:`scheduling`), each reference it names;
+- wanted: for each workload carrying ``weightcache.io/warm`` with replicas whose pod template
+  could schedule here (:mod:`scheduling`), each reference it names that the tenant policy grants
+  the workload's namespace (the same decision as a publish, :mod:`weightcache.daemon.policy`)
+  and that fits the quotas: references per workload, node labels, bytes per namespace. A
+  refusal is a ``WarmDenied`` event naming the policy or the limit, and nothing is fetched;
 - ready references get a ``warm`` pin held by the workload (``Kind/namespace/name``); others
   start or join their fetch (the fetcher's, so one fetch per model per node whoever asks);
 - a workload's pins on models it no longer names are dropped, except during a rollout: until
@@ -12,8 +15,11 @@ change wakes one reconcile pass that compares what is wanted with what the store
   own ``mount`` pin for as long as it runs). Dropping a pin frees nothing; eviction does, later;
 - node labels ``warm.weightcache.io/<hash>=true`` follow the store: present while the model of
   a wanted (or already labelled) reference is ready, removed when it leaves;
-- Events on the workload: WarmStarted, WarmReady (bytes, duration), WarmFailed (reason) and
-  WarmNoSpace, each once per workload, reference and attempt.
+- a warm pin on a model no pod has mounted for ``idle_pin_s`` is released (the model becomes
+  evictable) and not taken again until a pod mounts the model or the workload's spec changes;
+- Events on the workload: WarmStarted, WarmReady (bytes, duration), WarmFailed (reason),
+  WarmNoSpace and WarmDenied, each once per workload, reference and attempt, in words a tenant
+  may read (no remote response body, no node path).
 
 A pass is cheap and idempotent, so it also runs every ``resync_s`` to notice evictions.
 """
@@ -29,7 +35,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightcache.daemon.config import WarmConfig
-from weightcache.daemon.errors import InsufficientSpace, WeightcacheError
+from weightcache.daemon.errors import (
+    InsufficientSpace,
+    PolicyDenied,
+    QuotaExceeded,
+    WeightcacheError,
+    public_message,
+)
 from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.kube.client import KubeClient, KubeError, Listing
 from weightcache.daemon.kube.events import event_body
@@ -42,7 +54,9 @@ from weightcache.daemon.kube.naming import (
     parse_warm_annotation,
 )
 from weightcache.daemon.kube.scheduling import eligible
-from weightcache.daemon.references import ModelRef, parse_reference
+from weightcache.daemon.plan import ModelPlan
+from weightcache.daemon.policy import Policy
+from weightcache.daemon.references import Aliases, ModelRef, parse_reference
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.store import READY, Store
 from weightcache.daemon.threads import start_guarded
@@ -61,10 +75,16 @@ class Workload:
     name: str
     uid: str
     resource_version: str
+    generation: int = 0
 
     @property
     def holder(self) -> str:
         return f"{self.kind}/{self.namespace}/{self.name}"
+
+
+def holder_namespace(holder: str) -> str:
+    """The namespace of a ``Kind/namespace/name`` pin holder."""
+    return holder.split("/", 2)[1] if holder.count("/") >= 2 else ""
 
 
 @dataclass
@@ -74,6 +94,7 @@ class Attempt:
     number: int
     started: float
     future: Future[ModelRow]
+    future_ref: ModelRef | None = None
     error: BaseException | None = None
     retry_at: float = 0.0
     finished: float = 0.0
@@ -93,12 +114,26 @@ class WarmController:
         store: Store,
         fetcher: Fetcher,
         config: WarmConfig,
+        policy: Policy,
+        aliases: Aliases | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.node_name = node_name
         self._client = client
         self._store = store
         self._fetcher = fetcher
         self._config = config
+        self._policy = policy
+        self._aliases = aliases
+        self._clock = clock
+        # (ref, namespace) -> (retry after, denial): a refused namespace is not asked again
+        # (a registry probe) on every pass.
+        self._denied: dict[tuple[str, str], tuple[float, str]] = {}
+        # (holder, ref) -> the workload generation whose idle pin was released.
+        self._released: dict[tuple[str, str], int] = {}
+        # ref -> (namespaces, bytes) admitted to fetch and not finished yet.
+        self._reserved: dict[str, tuple[frozenset[str], int]] = {}
+        self._reserve_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._attempts: dict[str, Attempt] = {}
@@ -202,13 +237,14 @@ class WarmController:
             return
         node = nodes[0]
         wanted, holders, annotated = self._wanted(node)
+        labels: Mapping[str, str] = (node.get("metadata") or {}).get("labels") or {}
         ready: dict[str, ModelRow] = {}
         for key, want in wanted.items():
             row = self._ready_row(key)
             if row is not None:
                 ready[key] = row
                 self._announce_ready(want, row)
-            else:
+            elif self._label_room(labels, want):
                 self._ensure_fetch(key, want)
         failed = sum(
             1
@@ -230,12 +266,15 @@ class WarmController:
             self._post_events()
         # Forget what concerns workloads and references no longer wanted here.
         self._announced = {k: v for k, v in self._announced.items() if k[0] in annotated}
+        self._released = {k: v for k, v in self._released.items() if k[0] in annotated}
+        now = self._clock()
+        self._denied = {k: v for k, v in self._denied.items() if v[0] > now}
         for key in [k for k, a in self._attempts.items() if k not in wanted and a.future.done()]:
             del self._attempts[key]
 
     def _wanted(self, node: Object) -> tuple[dict[str, _Wanted], dict[str, list[str]], set[str]]:
-        """Reference -> the eligible workloads naming it; eligible holder -> the references it
-        names; and every annotated workload, eligible or not."""
+        """Reference -> the eligible workloads it is granted to; eligible holder -> the
+        references it names; and every annotated workload, eligible or not."""
         wanted: dict[str, _Wanted] = {}
         holders: dict[str, list[str]] = {}
         annotated: set[str] = set()
@@ -251,26 +290,98 @@ class WarmController:
                     meta.get("name", ""),
                     meta.get("uid", ""),
                     str(meta.get("resourceVersion", "")),
+                    int(meta.get("generation") or 0),
                 )
                 annotated.add(workload.holder)
-                request = parse_warm_annotation(annotation)
+                spec = obj.get("spec") or {}
+                if spec.get("replicas", 1) == 0:
+                    continue  # no pod will run: nothing to warm, and its pins go
+                request = parse_warm_annotation(annotation, self._aliases)
                 for error in request.errors:
                     self._event(
                         workload, "WarmFailed", "Warning", f"{WARM_ANNOTATION}: {error}", error
                     )
-                pod_spec = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+                pod_spec = (spec.get("template") or {}).get("spec") or {}
                 verdict = eligible(pod_spec, node)
                 if not verdict.eligible:
                     log.debug("%s not eligible on %s: %s", workload.holder, self.node_name, verdict)
                     continue
-                holders[workload.holder] = [str(r) for r in request.refs]
-                for ref in request.refs:
+                limit = self._config.refs_per_workload
+                if len(request.refs) > limit:
+                    self._deny(
+                        workload,
+                        f"{len(request.refs)} references",
+                        f"the annotation names {len(request.refs)} references; this node warms "
+                        f"at most {limit} per workload ([warm] refs_per_workload)",
+                    )
+                    holders[workload.holder] = []
+                    continue
+                granted = [ref for ref in request.refs if self._granted(workload, ref)]
+                holders[workload.holder] = [str(r) for r in granted]
+                for ref in granted:
                     wanted.setdefault(str(ref), _Wanted(ref)).by.append(workload)
         return wanted, holders, annotated
+
+    def _granted(self, workload: Workload, ref: ModelRef) -> bool:
+        """The tenant policy for the workload's namespace, and no released idle pin."""
+        key = str(ref)
+        released = self._released.get((workload.holder, key))
+        if released is not None:
+            row = self._store.cached_model(key)
+            mounted = row is not None and any(
+                kind != WARM_PIN for _, kind, _ in self._store.pins(row.digest)
+            )
+            if released == workload.generation and not mounted:
+                return False
+            del self._released[(workload.holder, key)]  # used again, or the workload changed
+        now = self._clock()
+        denied = self._denied.get((key, workload.namespace))
+        if denied is None or denied[0] <= now:
+            try:
+                self._policy.authorize(ref, workload.namespace, {}, self._store.cached_model(key))
+                self._denied.pop((key, workload.namespace), None)
+                return True
+            except PolicyDenied as exc:
+                denied = (now + self._config.retry_failed_s, str(exc))
+                self._denied[(key, workload.namespace)] = denied
+        self._deny(workload, key, denied[1])
+        return False
+
+    def _deny(self, workload: Workload, subject: str, why: str) -> None:
+        self._event(
+            workload,
+            "WarmDenied",
+            "Warning",
+            f"not warming on node {self.node_name}: {why}",
+            subject,
+            once_per=why,
+        )
 
     def _ready_row(self, ref: str) -> ModelRow | None:
         row = self._store.cached_model(ref)
         return row if row is not None and row.state == READY else None
+
+    def _label_room(self, labels: Mapping[str, str], want: _Wanted) -> bool:
+        """Whether the node can carry one more warm label for ``want`` once it is ready."""
+        key = label_key(want.ref)
+        mine = {k for k in labels if k.startswith(LABEL_PREFIX)}
+        if key in mine:
+            return True
+        coming = {
+            label_key(a.future_ref)
+            for a in self._attempts.values()
+            if a.future_ref is not None and not a.future.done()
+        }
+        if key in coming or len(mine | coming) < self._config.labels_per_node:
+            return True
+        for w in want.by:
+            self._deny(
+                w,
+                str(want.ref),
+                f"{want.ref}: the node carries {len(mine)} warm labels, the most it may "
+                f"([warm] labels_per_node = {self._config.labels_per_node})",
+            )
+        return False
 
     def _ensure_fetch(self, key: str, want: _Wanted) -> None:
         attempt = self._attempts.get(key)
@@ -284,22 +395,57 @@ class WarmController:
             if now < attempt.retry_at:
                 return
         number = attempt.number + 1 if attempt else 1
-        future = self._fetcher.warm_async(want.ref)
-        attempt = Attempt(number, now, future)
+        namespaces = frozenset(w.namespace for w in want.by)
+        future = self._fetcher.warm_async(want.ref, lambda plan: self._admit(key, namespaces, plan))
+        attempt = Attempt(number, now, future, future_ref=want.ref)
         self._attempts[key] = attempt
-        future.add_done_callback(lambda f: self._finished(attempt, f))
+        future.add_done_callback(lambda f: self._finished(key, attempt, f))
         for w in want.by:
             self._event(
                 w, "WarmStarted", "Normal", f"fetching {want.ref} to node {self.node_name}", key
             )
 
-    def _finished(self, attempt: Attempt, future: Future[ModelRow]) -> None:
+    def _finished(self, key: str, attempt: Attempt, future: Future[ModelRow]) -> None:
+        with self._reserve_lock:
+            self._reserved.pop(key, None)
         attempt.finished = time.monotonic()
         exc = future.exception()
         if exc is not None:
             attempt.error = exc
             attempt.retry_at = time.monotonic() + self._config.retry_failed_s
         self.wake()
+
+    # -- quotas --------------------------------------------------------------------------------
+
+    def _admit(self, key: str, namespaces: frozenset[str], plan: ModelPlan) -> None:
+        """Before any content moves (the fetcher's admission hook): at least one namespace
+        asking must have room for the model under ``namespace_bytes``."""
+        limit = self._config.namespace_bytes
+        if not limit:
+            return
+        with self._reserve_lock:
+            fits = [
+                ns
+                for ns in namespaces
+                if self._namespace_bytes(ns, exclude=plan.digest) + plan.total_bytes <= limit
+            ]
+            if not fits:
+                raise QuotaExceeded(
+                    f"{plan.ref} ({plan.total_bytes} bytes) would take namespace "
+                    f"{', '.join(sorted(namespaces))} past the {limit} bytes of warm models it "
+                    "may hold on this node ([warm] namespace_bytes)"
+                )
+            self._reserved[key] = (frozenset(fits), plan.total_bytes)
+
+    def _namespace_bytes(self, namespace: str, exclude: str = "") -> int:
+        """Bytes of distinct models a namespace's warm pins hold, plus its admitted fetches."""
+        digests = {
+            m
+            for m, kind, holder in self._store.pins()
+            if kind == WARM_PIN and holder_namespace(holder) == namespace and m != exclude
+        }
+        held = sum(row.size for d in digests if (row := self._store.model(d)) is not None)
+        return held + sum(size for ns, size in self._reserved.values() if namespace in ns)
 
     # -- pins ----------------------------------------------------------------------------------
 
@@ -309,21 +455,64 @@ class WarmController:
         holders: Mapping[str, list[str]],
         ready: Mapping[str, ModelRow],
     ) -> None:
-        want_pins = {
-            (ready[key].digest, w.holder)
-            for key, want in wanted.items()
-            if key in ready
-            for w in want.by
-        }
         current = {(m, h) for m, k, h in self._store.pins() if k == WARM_PIN}
-        for digest, holder in want_pins - current:
-            self._store.pin(digest, WARM_PIN, holder)
+        limit = self._config.namespace_bytes
+        want_pins: set[tuple[str, str]] = set()
+        for key, want in wanted.items():
+            if key not in ready:
+                continue
+            row = ready[key]
+            for w in want.by:
+                pin = (row.digest, w.holder)
+                if pin not in current and self._idle(row):
+                    continue  # never pin a model nobody has used for the idle time
+                if pin in current:
+                    want_pins.add(pin)
+                    continue
+                with self._reserve_lock:
+                    used = self._namespace_bytes(w.namespace, exclude=row.digest)
+                if limit and used + row.size > limit:
+                    self._deny(
+                        w,
+                        key,
+                        f"{want.ref} ({row.size} bytes) would take namespace {w.namespace} past "
+                        f"the {limit} bytes of warm models it may hold on this node "
+                        "([warm] namespace_bytes)",
+                    )
+                    continue
+                self._store.pin(row.digest, WARM_PIN, w.holder)
+                current.add(pin)
+                want_pins.add(pin)
         for digest, holder in current - want_pins:
             names = holders.get(holder)
             if names and not all(n in ready for n in names):
                 continue  # a rollout in progress: keep the old version until the new is ready
             self._store.unpin(digest, WARM_PIN, holder)
             log.info("%s no longer wants %s on this node: unpinned", holder, digest)
+        self._release_idle(wanted, ready)
+
+    def _idle(self, row: ModelRow) -> bool:
+        idle = self._config.idle_pin_s
+        if not idle or row.last_used > self._clock() - idle:
+            return False
+        return all(kind == WARM_PIN for _, kind, _ in self._store.pins(row.digest))
+
+    def _release_idle(self, wanted: Mapping[str, _Wanted], ready: Mapping[str, ModelRow]) -> None:
+        """Drop warm pins on models no pod has mounted for ``idle_pin_s``: a workload whose pods
+        never come here must not hold the node's disk forever."""
+        for key, want in wanted.items():
+            row = ready.get(key)
+            if row is None or not self._idle(row):
+                continue
+            for w in want.by:
+                self._store.unpin(row.digest, WARM_PIN, w.holder)
+                self._released[(w.holder, key)] = w.generation
+                log.info(
+                    "%s: released the warm pin of %s, unused for %.0fs",
+                    w.holder,
+                    key,
+                    self._config.idle_pin_s,
+                )
 
     # -- labels --------------------------------------------------------------------------------
 
@@ -340,6 +529,9 @@ class WarmController:
             refs_by_key[label_key(want.ref)] = key
         candidates = {label_key(w.ref) for w in wanted.values()} | set(current)
         desired = {k for k in candidates if k in refs_by_key and self._ready_row(refs_by_key[k])}
+        # The quota: labels already set keep their place; new ones fill what is left.
+        room = self._config.labels_per_node - len(desired & set(current))
+        desired = (desired & set(current)) | set(sorted(desired - set(current))[: max(room, 0)])
         patch: dict[str, str | None] = {
             k: LABEL_VALUE for k in desired if current.get(k) != LABEL_VALUE
         }
@@ -369,13 +561,18 @@ class WarmController:
             )
 
     def _announce_failure(self, want: _Wanted, attempt: Attempt) -> None:
-        no_space = isinstance(attempt.error, InsufficientSpace)
+        reason = "WarmFailed"
+        if isinstance(attempt.error, InsufficientSpace):
+            reason = "WarmNoSpace"
+        elif isinstance(attempt.error, QuotaExceeded):
+            reason = "WarmDenied"
+        error = public_message(attempt.error) if attempt.error is not None else "unknown"
         for w in want.by:
             self._event(
                 w,
-                "WarmNoSpace" if no_space else "WarmFailed",
+                reason,
                 "Warning",
-                f"cannot warm {want.ref} on node {self.node_name}: {attempt.error}",
+                f"cannot warm {want.ref} on node {self.node_name}: {error}",
                 str(want.ref),
                 attempt=attempt.number,
             )

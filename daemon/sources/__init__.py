@@ -12,6 +12,7 @@ from typing import Protocol
 from weightcache.daemon.errors import InvalidReference
 from weightcache.daemon.plan import ModelPlan
 from weightcache.daemon.references import ModelRef
+from weightcache.daemon.sources.provenance import NoProof, Provenance
 
 
 class Source(Protocol):
@@ -34,10 +35,19 @@ class Source(Protocol):
 
 
 class Sources:
-    """The registry of sources by scheme."""
+    """The registry of sources by scheme, each with what it can prove about provenance
+    (:mod:`weightcache.daemon.sources.provenance`; a scheme without one proves nothing)."""
 
-    def __init__(self, by_scheme: Mapping[str, Source]) -> None:
+    def __init__(
+        self,
+        by_scheme: Mapping[str, Source],
+        provenance: Mapping[str, Provenance] | None = None,
+    ) -> None:
         self._by_scheme = dict(by_scheme)
+        self._provenance = dict(provenance or {})
+
+    def provenance(self, ref: ModelRef) -> Provenance:
+        return self._provenance.get(ref.scheme) or NoProof()
 
     def for_ref(self, ref: ModelRef) -> Source:
         try:

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS models (
     bytes_done  INTEGER NOT NULL DEFAULT 0,
     bytes_total INTEGER NOT NULL DEFAULT 0,
     rate        REAL NOT NULL DEFAULT 0,
-    error       TEXT NOT NULL DEFAULT ''
+    error       TEXT NOT NULL DEFAULT '',
+    access      TEXT NOT NULL DEFAULT 'credentials'
 );
 CREATE TABLE IF NOT EXISTS blobs (
     sha256      TEXT PRIMARY KEY,
@@ -92,6 +93,8 @@ class ModelRow:
     bytes_total: int
     rate: float
     error: str
+    access: str
+    """How the node obtained it: ``anonymous`` (public on this node) or ``credentials``."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,12 @@ class Index:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(_SCHEMA)
+            columns = {str(r[1]) for r in self._conn.execute("PRAGMA table_info(models)")}
+            if "access" not in columns:
+                # A store written before access was recorded: nothing it holds is public.
+                self._conn.execute(
+                    "ALTER TABLE models ADD COLUMN access TEXT NOT NULL DEFAULT 'credentials'"
+                )
             self._conn.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
@@ -170,16 +179,16 @@ class Index:
     def models(self) -> list[ModelRow]:
         return [ModelRow(*r) for r in self.query("SELECT * FROM models ORDER BY created_at")]  # type: ignore[arg-type]
 
-    def upsert_fetching(self, digest: str, ref: str, fmt: str, total: int) -> None:
+    def upsert_fetching(self, digest: str, ref: str, fmt: str, total: int, access: str) -> None:
         now = time.time()
         with self.tx() as c:
             c.execute(
-                "INSERT INTO models(digest, ref, format, state, created_at, last_used, bytes_total)"
-                " VALUES (?, ?, ?, 'fetching', ?, ?, ?)"
+                "INSERT INTO models(digest, ref, format, state, created_at, last_used,"
+                " bytes_total, access) VALUES (?, ?, ?, 'fetching', ?, ?, ?, ?)"
                 " ON CONFLICT(digest) DO UPDATE SET state = CASE WHEN state = 'ready' THEN state"
                 " ELSE 'fetching' END, ref = excluded.ref, bytes_total = excluded.bytes_total,"
-                " error = '', last_used = excluded.last_used",
-                (digest, ref, fmt, now, now, total),
+                " error = '', last_used = excluded.last_used, access = excluded.access",
+                (digest, ref, fmt, now, now, total, access),
             )
 
     def set_progress(self, digest: str, done: int, total: int, rate: float, error: str) -> None:

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from weightcache.daemon.config import StoreConfig
@@ -42,6 +43,16 @@ READY = "ready"
 FETCHING = "fetching"
 FAILED = "failed"
 CORRUPT = "corrupt"
+
+
+class Access(StrEnum):
+    """How the node obtained a model, which decides who may mount it (docs/security.md)."""
+
+    ANONYMOUS = "anonymous"
+    """The origin serves it without credentials: public on this node."""
+    CREDENTIALS = "credentials"
+    """It needed credentials (the node's, a mirror's, a cloud role): mounted and warmed only
+    for namespaces a policy rule grants it, or pods whose own pull secret opens it."""
 
 
 @dataclass(frozen=True)
@@ -223,9 +234,10 @@ class Store:
     def model_path(self, digest: str) -> Path:
         return self.layout.model(digest)
 
-    def begin(self, digest: str, ref: str, fmt: str, total: int) -> None:
-        """Record a model as being fetched (kept ``ready`` if it already is)."""
-        self.index.upsert_fetching(digest, ref, fmt, total)
+    def begin(self, digest: str, ref: str, fmt: str, total: int, access: Access) -> None:
+        """Record a model as being fetched (kept ``ready`` if it already is), and how it is
+        obtained."""
+        self.index.upsert_fetching(digest, ref, fmt, total, str(access))
 
     def forget_files(self, digest: str, keep: set[str]) -> None:
         """Drop file records of a model that are not in ``keep`` (a re-fetch changed its plan)."""
@@ -508,6 +520,15 @@ class Store:
     def mark_corrupt(self, digest: str, error: str) -> None:
         """Keep a model refused with the reason a repair could not happen."""
         self.index.set_state(digest, CORRUPT, error)
+
+    def holds_blob_for(self, digest: str, sha256: str) -> bool:
+        """Whether ``digest``'s own records name this blob (it was fetched for this model)."""
+        return bool(
+            self.index.scalar(
+                "SELECT 1 FROM model_files WHERE model = ? AND sha256 = ? LIMIT 1",
+                (digest, sha256),
+            )
+        )
 
     def file_sha(self, digest: str, path: str) -> str | None:
         """The sha256 recorded for one file of a model."""
