@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -329,7 +330,7 @@ def test_a_trickling_blob_is_aborted_within_the_window_and_retried(
     proxy: FaultProxy, publisher: ModelPublisher, make: Make
 ) -> None:
     files = _pushed(publisher, "stall/blob")
-    rule = Rule(BLOBS, stall_after=1000, trickle_s=0.05, times=1)
+    rule = Rule(BLOBS, stall_after=0, trickle_s=0.05, times=1)  # 20 bytes/s from the start
     proxy.state.rules.append(rule)
     fetcher = make(stall_bytes_per_s=256 * 1024, stall_window_s=0.5)
     started = time.monotonic()
@@ -338,7 +339,7 @@ def test_a_trickling_blob_is_aborted_within_the_window_and_retried(
     print(f"model ready {elapsed:.2f}s after a 0.5s-window stall")
     assert rule.hits == 1
     assert read_tree(fetcher.store.model_path(row.digest)) == files
-    assert elapsed < 2 * 0.5 + 3
+    assert 0.5 <= elapsed < 2 * 0.5 + 3  # the stall was waited out for one window, not more
 
 
 def test_a_trickling_mirror_falls_through_to_the_origin(
@@ -382,7 +383,8 @@ def test_a_stalled_source_frees_its_workers_for_other_models(
     window and its retries, so the other model gets the workers in bounded time."""
     _pushed(publisher, "stall/slow", seed=1)
     fast_files = _pushed(publisher, "stall/fast", seed=2)
-    proxy.state.rules.append(Rule(BLOBS, stall_after=0, trickle_s=0.05))
+    stalling = threading.Event()
+    proxy.state.rules.append(Rule(BLOBS, stall_after=0, trickle_s=0.05, before=stalling.set))
     fetcher = make(
         files_in_parallel=2,
         ranges_per_file=1,
@@ -392,6 +394,7 @@ def test_a_stalled_source_frees_its_workers_for_other_models(
     )
     started = time.monotonic()
     slow = fetcher.warm_async(parse_reference(f"oci://{proxy.host}/stall/slow:v1"))
+    assert stalling.wait(30), "the slow model never reached its blobs"
     fast = fetcher.warm_async(parse_reference(f"oci://{registry.host}/stall/fast:v1"))
     row = fast.result(timeout=60)
     fast_at = time.monotonic() - started
@@ -402,7 +405,7 @@ def test_a_stalled_source_frees_its_workers_for_other_models(
     assert info.value.reason == "stalled"
     assert read_tree(fetcher.store.model_path(row.digest)) == fast_files
     assert freed_at < 2 * 2 * 0.5 + 5  # two attempts of at most two windows each
-    assert fast_at < 2 * 2 * 0.5 + 5
+    assert 0.5 <= fast_at < freed_at + 5  # it waited for the workers, boundedly
 
 
 # -- 4. ranges and S3 integrity ---------------------------------------------------------------
