@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import zstandard
 
@@ -39,6 +39,7 @@ OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 OCI_IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 OCI_LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_TAR_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 TITLE = "org.opencontainers.image.title"
 ORAS_ARTIFACT = "application/vnd.unknown.artifact.v1"
 
@@ -81,14 +82,27 @@ def members_for(files: ModelFiles, under: str = "") -> list[TarMember]:
 def write_tar(dest: Path, members: Iterable[TarMember], compression: Compression = "none") -> None:
     """Write a reproducible tar (zeroed times and owners), optionally compressed."""
     with dest.open("wb") as raw:
-        if compression == "gzip":
-            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
-                _write_tar_stream(gz, members)
-        elif compression == "zstd":
-            with zstandard.ZstdCompressor(level=1).stream_writer(raw, closefd=False) as zw:
-                _write_tar_stream(zw, members)
-        else:
-            _write_tar_stream(raw, members)
+        _write_compressed(raw, members, compression)
+
+
+def tar_bytes(members: Iterable[TarMember], compression: Compression = "none") -> bytes:
+    """The bytes :func:`write_tar` would write, in memory (for tests of the unpacker)."""
+    out = io.BytesIO()
+    _write_compressed(out, members, compression)
+    return out.getvalue()
+
+
+def _write_compressed(
+    raw: IO[bytes], members: Iterable[TarMember], compression: Compression
+) -> None:
+    if compression == "gzip":
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
+            _write_tar_stream(gz, members)
+    elif compression == "zstd":
+        with zstandard.ZstdCompressor(level=1).stream_writer(raw, closefd=False) as zw:
+            _write_tar_stream(zw, members)
+    else:
+        _write_tar_stream(raw, members)
 
 
 def _write_tar_stream(out: Any, members: Iterable[TarMember]) -> None:
@@ -268,17 +282,35 @@ class ModelPublisher:
         compression: Compression = "gzip",
     ) -> Descriptor:
         """A plain image whose layer carries the model under ``root/`` (modelcar style)."""
-        media_type = OCI_LAYER_TAR_GZIP if compression == "gzip" else OCI_LAYER_TAR
-        layer, diff_id = self._tar_blob(
-            repo, members_for(files, under=root), media_type, compression
-        )
+        return self.image_layers(repo, tag, [members_for(files, under=root)], compression)
+
+    def image_layers(
+        self,
+        repo: str,
+        tag: str,
+        layers: Sequence[Iterable[TarMember]],
+        compression: Compression = "gzip",
+    ) -> Descriptor:
+        """An image of several layers, applied in order: whiteouts (``.wh.`` members) and
+        replacements are whatever the members say, hostile ones included."""
+        media_type = {
+            "gzip": OCI_LAYER_TAR_GZIP,
+            "zstd": OCI_LAYER_TAR_ZSTD,
+            "none": OCI_LAYER_TAR,
+        }[compression]
+        descs: list[Descriptor] = []
+        diff_ids: list[str] = []
+        for members in layers:
+            layer, diff_id = self._tar_blob(repo, members, media_type, compression)
+            descs.append(layer)
+            diff_ids.append(diff_id)
         config_body = {
             "architecture": "amd64",
             "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
         }
         config = self.pusher.push_blob(repo, json.dumps(config_body).encode(), OCI_IMAGE_CONFIG)
-        return self.manifest(repo, tag, config, [layer])
+        return self.manifest(repo, tag, config, descs)
 
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
