@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -33,6 +34,7 @@ from weightcache.daemon.errors import (
     InsufficientSpace,
     NotCached,
     SourceError,
+    UnsafeContent,
     WeightcacheError,
     public_message,
 )
@@ -232,6 +234,7 @@ class Fetcher:
 
     def _warm(self, ref: ModelRef, admit: Callable[[ModelPlan], None] | None) -> ModelRow:
         plan = self.resolve(ref)
+        self._check_served_by(plan)
         self.store.remember(str(ref), plan.digest)
         row = self._held(plan.digest)
         if row is not None:
@@ -267,6 +270,29 @@ class Fetcher:
             with self._lock:
                 self._repair_failures[digest] = (time.monotonic(), exc)
             raise
+
+    def _check_served_by(self, plan: ModelPlan) -> None:
+        """A model already held, reached through a repository that never served it, is that
+        repository's only if it shows it holds every blob (a registry can serve another
+        repository's manifest under its own name). Raises :class:`UnsafeContent` otherwise."""
+        if not isinstance(plan.ref, OciRef) or self.store.model(plan.digest) is None:
+            return
+        repository = (plan.ref.registry, plan.ref.repository)
+        for known, digest in self.store.refs():
+            if digest != plan.digest:
+                continue
+            with contextlib.suppress(WeightcacheError):
+                other = parse_reference(known)
+                if isinstance(other, OciRef) and (other.registry, other.repository) == repository:
+                    return  # this repository served it before
+        provenance = self.sources.provenance(plan.ref)
+        for item in plan.items:
+            if item.sha256 is None or not provenance.holds(plan.ref, item.sha256, item.size):
+                raise UnsafeContent(
+                    f"{plan.ref} names model {plan.digest}, which this node holds from another "
+                    f"repository, but {plan.ref.repository} does not show it holds "
+                    f"{item.sha256 or item.locator}; refused"
+                )
 
     def _held(self, digest: str) -> ModelRow | None:
         """The model's record if it is ready (marking it used), else None."""
@@ -306,7 +332,7 @@ class Fetcher:
             return None
         if self.store.holds_blob_for(plan.digest, sha):
             return sha
-        if not self.sources.provenance(plan.ref).holds(plan.ref, item):
+        if not self.sources.provenance(plan.ref).holds(plan.ref, sha, item.size):
             log.info("%s: no proof the repository holds %s; fetching it", plan.ref, sha)
             return None
         return sha

@@ -15,6 +15,7 @@ from weightcache.daemon.sources.oci import OciSource
 from weightcache.daemon.sources.oci_access import RegistryAccess
 from weightcache.daemon.sources.oci_http import RegistryHTTP, load_docker_config
 from weightcache.daemon.sources.provenance import LocalProvenance, OciProvenance
+from weightcache.daemon.sources.ranges import Limits
 from weightcache.daemon.sources.s3 import S3Source
 from weightcache.daemon.store.store import Store
 
@@ -31,20 +32,24 @@ def _s3_client() -> Any:
 
 
 def build_sources(config: Config) -> Sources:
+    limits = Limits.of(config.fetch)
     http = RegistryHTTP(
         config.registry,
         load_docker_config(config.registry.docker_config),
-        timeout_s=config.fetch.timeout_s,
-        pool_size=config.fetch.files_in_parallel * config.fetch.ranges_per_file + 4,
+        config.fetch.timeout_s,
+        limits=limits,
     )
     # Asks the origin alone, with no credentials at all: is this model public?
     anonymous = RegistryHTTP(
-        RegistryConfig(insecure=config.registry.insecure), {}, config.fetch.timeout_s, pool_size=2
+        RegistryConfig(insecure=config.registry.insecure, ca_file=config.registry.ca_file),
+        {},
+        config.fetch.timeout_s,
+        limits=limits,
     )
     return Sources(
         {
             "oci": OciSource(http),
-            "s3": S3Source(_s3_client, config.fetch.timeout_s),
+            "s3": S3Source(_s3_client, config.fetch.timeout_s, limits=limits),
             "file": LocalSource(),
         },
         {"oci": OciProvenance(http, anonymous), "file": LocalProvenance()},

@@ -62,6 +62,8 @@ class Rule:
     body_bytes: int | None = None
     """With ``status``: a body of this many filler bytes instead of the short JSON one; -1 sends
     an endless chunked body."""
+    body: bytes | None = None
+    """With ``status``: answer with exactly this body (a rogue registry's manifest, say)."""
     stall_after: int | None = None
     """Forward, but after this many body bytes send one byte per ``trickle_s`` seconds."""
     trickle_s: float = 1.0
@@ -175,7 +177,9 @@ class _Handler(BaseHTTPRequestHandler):
         if rule is not None and rule.status is not None:
             with st.lock:
                 st.requests.append((self.command, url.path, rule.status))
-            if rule.body_bytes is None:
+            if rule.body is not None:
+                self._reply(rule.status, rule.body, rule.headers)
+            elif rule.body_bytes is None:
                 self._reply(rule.status, b'{"errors":[{"code":"INJECTED"}]}', rule.headers)
             else:
                 self._filler(rule.status, rule.body_bytes, rule.headers)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 import os
 import stat
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import pytest
 
 from weightcache.daemon.config import (
     Config,
@@ -101,3 +105,31 @@ class Hold:
     def __call__(self) -> None:
         self.arrived.set()
         self.release.wait(60)
+
+
+def dockerconfig(host: str, user: str, password: str) -> dict[str, str]:
+    """A ``kubernetes.io/dockerconfigjson`` secret's data for one registry."""
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {".dockerconfigjson": json.dumps({"auths": {host: {"auth": auth}}})}
+
+
+class _Summary:
+    """Lines printed in their own section at the end of the pytest run."""
+
+    def __init__(self) -> None:
+        self.sections: dict[str, list[str]] = {}
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        for title, lines in self.sections.items():
+            terminalreporter.section(title)
+            for line in lines:
+                terminalreporter.write_line(line)
+
+
+def report(config: pytest.Config, section: str, line: str) -> None:
+    """Print ``line`` under ``section`` in the run's closing summary (figures a test measured)."""
+    plugin = config.pluginmanager.get_plugin("weightcache-summary")
+    if plugin is None:
+        plugin = _Summary()
+        config.pluginmanager.register(plugin, "weightcache-summary")
+    plugin.sections.setdefault(section, []).append(line)

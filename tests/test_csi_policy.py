@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from csi_harness import mountinfo_entries, publish, serving_node
-from helpers import make_config
+from helpers import dockerconfig, make_config
 
 from weightcache.daemon.config import PolicyConfig, PolicyRule, RegistryConfig
 from weightcache.daemon.errors import PolicyDenied, SourceError
@@ -26,11 +25,6 @@ from weightcache.testing.models import ModelPublisher, sample_model, write_files
 
 NS = "csi.storage.k8s.io/pod.namespace"
 Code = grpc.StatusCode
-
-
-def dockerconfig(host: str, user: str, password: str) -> dict[str, str]:
-    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {".dockerconfigjson": json.dumps({"auths": {host: {"auth": auth}}})}
 
 
 # -- namespaces ------------------------------------------------------------------------------

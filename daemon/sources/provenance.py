@@ -8,9 +8,11 @@ Two questions decide tenant isolation on a shared node (docs/security.md):
   nodes pulled with credentials). Local directories under the configured roots are public on
   the node; S3 always needs the node's credentials.
 - *Does this repository hold that blob?* A manifest may name any digest, including one another
-  tenant's model brought to the node. A held blob is linked for a new model only when the
-  requesting repository shows it has the blob (an OCI HEAD with this fetch's credentials, at
-  the origin, with the declared size), else it is fetched like any other.
+  tenant's model brought to the node, and a registry may serve, under its own name, the very
+  manifest of a model another repository brought. A held blob is linked for a new model, and a
+  held model served for a new repository, only when the requesting repository shows it has the
+  blobs (an OCI HEAD with this fetch's credentials, at the origin, with the declared size);
+  else the blob is fetched like any other, and the held model is refused for that repository.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 from weightcache.daemon.errors import SourceError
-from weightcache.daemon.plan import RemoteFile
 from weightcache.daemon.references import ModelRef, OciRef
 from weightcache.daemon.sources.oci_http import MANIFEST_ACCEPT, RegistryHTTP
 
@@ -38,8 +39,8 @@ class Provenance(Protocol):
         it is resolved) without any credentials."""
         ...
 
-    def holds(self, ref: ModelRef, item: RemoteFile) -> bool:
-        """True when ``ref``'s repository shows it holds ``item``'s content (its sha256, at its
+    def holds(self, ref: ModelRef, sha256: str, size: int) -> bool:
+        """True when ``ref``'s repository shows it holds this content (its sha256, at its
         declared size) without the bytes being sent."""
         ...
 
@@ -50,7 +51,7 @@ class NoProof:
     def anonymous(self, ref: ModelRef, manifest: str) -> bool:
         return False
 
-    def holds(self, ref: ModelRef, item: RemoteFile) -> bool:
+    def holds(self, ref: ModelRef, sha256: str, size: int) -> bool:
         return False
 
 
@@ -61,8 +62,8 @@ class LocalProvenance:
     def anonymous(self, ref: ModelRef, manifest: str) -> bool:
         return True
 
-    def holds(self, ref: ModelRef, item: RemoteFile) -> bool:
-        return item.sha256 is not None
+    def holds(self, ref: ModelRef, sha256: str, size: int) -> bool:
+        return True
 
 
 class OciProvenance:
@@ -82,16 +83,14 @@ class OciProvenance:
         assert isinstance(ref, OciRef)
         return self._head(self._anonymous, ref, f"manifests/{manifest}", None)
 
-    def holds(self, ref: ModelRef, item: RemoteFile) -> bool:
+    def holds(self, ref: ModelRef, sha256: str, size: int) -> bool:
         assert isinstance(ref, OciRef)
-        if item.sha256 is None:
-            return False
-        key = (ref.registry, ref.repository, item.sha256, item.size)
+        key = (ref.registry, ref.repository, sha256, size)
         now = self._clock()
         with self._lock:
             if self._proofs.get(key, 0.0) > now:
                 return True
-        if not self._head(self._node, ref, f"blobs/{item.sha256}", item.size):
+        if not self._head(self._node, ref, f"blobs/{sha256}", size):
             return False
         with self._lock:
             if len(self._proofs) >= MAX_PROOFS:
@@ -112,7 +111,6 @@ class OciProvenance:
             log.info("%s: the origin does not show %s (%s)", ref, tail, exc)
             return False
         length = resp.headers.get("Content-Length")
-        resp.release_conn()
         if size is not None and length != str(size):
             log.warning(
                 "%s: the origin reports %s at %s bytes, the manifest declares %d",
