@@ -21,12 +21,19 @@ MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
 
 
-def safe_relpath(raw: str, *, what: str) -> str:
+def safe_relpath(raw: object, *, what: str) -> str:
     """Normalise a model-relative path or raise :class:`UnsafeContent` saying why not.
 
-    Accepts ``a/b.bin`` and ``./a/b.bin``; rejects empty paths, absolute paths, ``..``
-    segments, NUL bytes, backslashes and over-long names.
+    Accepts ``a/b.bin`` and ``./a/b.bin``; rejects anything but a string, empty paths,
+    absolute paths, ``..`` segments, NUL bytes, backslashes, text that is not valid Unicode
+    (lone surrogates) and over-long names.
     """
+    if not isinstance(raw, str):
+        raise UnsafeContent(f"{what}: path of type {type(raw).__name__} is not a string")
+    try:
+        raw.encode()
+    except UnicodeEncodeError as exc:
+        raise UnsafeContent(f"{what}: path {raw[:80]!r} is not valid Unicode") from exc
     if not raw or "\x00" in raw:
         raise UnsafeContent(f"{what}: empty path or NUL byte in {raw!r}")
     if "\\" in raw:
@@ -116,6 +123,14 @@ class ModelPlan:
                 seen.add(item.path)
             if item.size < 0:
                 raise UnsafeContent(f"{self.ref}: negative size for {item.locator}")
+        for path in seen:  # a file cannot also be a directory holding another file
+            parent = path.rpartition("/")[0]
+            while parent:
+                if parent in seen:
+                    raise UnsafeContent(
+                        f"{self.ref}: {parent!r} is a file but {path!r} is inside it"
+                    )
+                parent = parent.rpartition("/")[0]
 
 
 def listing_digest(entries: Sequence[tuple[str, int, str]]) -> str:

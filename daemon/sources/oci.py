@@ -7,18 +7,11 @@ mirrors serve it and the cache key never depends on a URL.
 from __future__ import annotations
 
 import hashlib
-import json
-from typing import Any
 
 from weightcache.daemon.errors import DigestMismatch, UnsupportedManifest
 from weightcache.daemon.plan import ModelPlan
 from weightcache.daemon.references import ModelRef, OciRef
-from weightcache.daemon.sources.oci_formats import (
-    INDEX_TYPES,
-    MANIFEST_TYPES,
-    interpret,
-    pick_from_index,
-)
+from weightcache.daemon.sources.oci_formats import read_model
 from weightcache.daemon.sources.oci_http import (
     MANIFEST_ACCEPT,
     MAX_MANIFEST_BYTES,
@@ -66,16 +59,9 @@ class OciSource:
     def resolve(self, ref: ModelRef) -> ModelPlan:
         assert isinstance(ref, OciRef)
         body, content_type, digest = self._manifest(ref, ref.reference)
-        doc = _json(body, str(ref))
-        media_type = doc.get("mediaType") or content_type
-        if media_type in INDEX_TYPES or (not media_type and "manifests" in doc):
-            chosen = pick_from_index(doc, str(ref))
-            body, content_type, digest = self._manifest(ref, chosen["digest"])
-            doc = _json(body, str(ref))
-            media_type = doc.get("mediaType") or content_type
-        if media_type and media_type not in MANIFEST_TYPES:
-            raise UnsupportedManifest(f"{ref}: unsupported manifest media type {media_type!r}")
-        fmt, items = interpret(doc, str(ref))
+        digest, fmt, items = read_model(
+            body, content_type, digest, lambda d: self._manifest(ref, d), str(ref)
+        )
         return ModelPlan(ref=ref, digest=digest, format=fmt, items=items)
 
     def read_into(
@@ -90,13 +76,3 @@ class OciSource:
             lambda ep: self._http.read_into(ref, ep, ep.url(ref, f"blobs/{locator}"), start, buf),
             f"{ref} blob {locator}",
         )
-
-
-def _json(body: bytes, where: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except ValueError as exc:
-        raise UnsupportedManifest(f"{where}: manifest is not JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise UnsupportedManifest(f"{where}: manifest is not a JSON object")
-    return doc
