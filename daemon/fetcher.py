@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -59,6 +60,8 @@ from weightcache.daemon.transfer import PartStream, ordered_parts
 
 log = logging.getLogger(__name__)
 
+MODELS_AT_ONCE = 4
+"""Models fetched at the same time; more wait for one of them to finish."""
 ARCHIVE_EXPANSION = 3
 """Compressed tar layers are assumed to expand up to this much when checking capacity."""
 TAR_READ = 4 * 1024 * 1024
@@ -147,12 +150,15 @@ class Fetcher:
         self.stop = stop or threading.Event()
         self._on_progress = on_progress
         self._limiter = RateLimiter(config.bandwidth_bytes_per_s, self.stop)
-        self._models = ThreadPoolExecutor(max_workers=4, thread_name_prefix="wc-model")
+        # Each model fetched at once gets its own files_in_parallel file workers (and their
+        # range workers): a slow or stalling source holds only its own model's workers, never
+        # another model's. Memory is models x files x ranges x part size at most.
+        self._models = ThreadPoolExecutor(max_workers=MODELS_AT_ONCE, thread_name_prefix="wc-model")
         self._files = ThreadPoolExecutor(
-            max_workers=config.files_in_parallel, thread_name_prefix="wc-file"
+            max_workers=MODELS_AT_ONCE * config.files_in_parallel, thread_name_prefix="wc-file"
         )
         self._ranges = ThreadPoolExecutor(
-            max_workers=config.files_in_parallel * config.ranges_per_file,
+            max_workers=MODELS_AT_ONCE * config.files_in_parallel * config.ranges_per_file,
             thread_name_prefix="wc-range",
         )
         self._local = threading.local()
@@ -421,15 +427,17 @@ class Fetcher:
             first = unique.setdefault(f.staging_key, f)
             if first is not f:
                 aliases.append((f, first))
+        jobs = _JobQueue(self._files, self.config.files_in_parallel, stop)
         files = {
-            key: self._files.submit(self._fetch_file, plan, f, progress, stop)
+            key: jobs.submit(lambda f=f: self._fetch_file(plan, f, progress, stop))
             for key, f in unique.items()
         }
         archives = [
-            self._files.submit(self._fetch_archive, plan, a, progress, stop)
+            jobs.submit(lambda a=a: self._fetch_archive(plan, a, progress, stop))
             for a in todo
             if isinstance(a, RemoteArchive)
         ]
+        jobs.start()
         transfers: list[Future[Any]] = [*files.values(), *archives]
         done, _ = wait(transfers, return_when=FIRST_EXCEPTION)
         failures = [e for f in done if not f.cancelled() and (e := f.exception())]
@@ -666,6 +674,7 @@ class Fetcher:
                 whiteouts=item.whiteouts,
                 where=where,
                 max_bytes=max_bytes,
+                max_members=self.config.max_layer_members,
             )
             stream.drain()
             digest = "sha256:" + layer_hash.hexdigest()
@@ -700,3 +709,51 @@ class Fetcher:
             log.warning("could not record progress of %s: %s", progress.digest, exc)
         if self._on_progress is not None:
             self._on_progress(progress)
+
+
+class _JobQueue:
+    """One model's transfers, run by at most ``workers`` threads of a shared pool: the pool is
+    sized for several models, and each model's own workers pull its jobs in order."""
+
+    def __init__(self, pool: ThreadPoolExecutor, workers: int, stop: threading.Event) -> None:
+        self._pool = pool
+        self._workers = workers
+        self._stop = stop
+        self._jobs: collections.deque[tuple[Future[Any], Callable[[], Any]]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], Any]) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self._jobs.append((fut, job))
+        return fut
+
+    def start(self) -> None:
+        for _ in range(min(self._workers, len(self._jobs))):
+            try:
+                worker = self._pool.submit(self._work)
+            except RuntimeError:  # the fetcher is closing
+                self._cancel_all()
+                return
+            # A worker cancelled by the pool's shutdown leaves no job waiting forever.
+            worker.add_done_callback(lambda w: w.cancelled() and self._cancel_all())
+
+    def _cancel_all(self) -> None:
+        with self._lock:
+            jobs, self._jobs = list(self._jobs), collections.deque()
+        for fut, _ in jobs:
+            fut.cancel()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    return
+                fut, job = self._jobs.popleft()
+            if self._stop.is_set():
+                fut.cancel()
+            if not fut.set_running_or_notify_cancel():
+                continue  # cancelled: a transfer of this model failed
+            try:
+                fut.set_result(job())
+            except BaseException as exc:
+                fut.set_exception(exc)

@@ -379,8 +379,9 @@ def test_a_trickling_manifest_hits_the_request_deadline(
 def test_a_stalled_source_frees_its_workers_for_other_models(
     registry: Registry, proxy: FaultProxy, publisher: ModelPublisher, make: Make
 ) -> None:
-    """Two file workers; the slow model takes both first. Its stalls are aborted after the
-    window and its retries, so the other model gets the workers in bounded time."""
+    """Two file workers per model; the slow model stalls on both of its own. The other model
+    has its own workers and is ready while the slow one still stalls; the slow one's stalls are
+    aborted after the window and its retries."""
     _pushed(publisher, "stall/slow", seed=1)
     fast_files = _pushed(publisher, "stall/fast", seed=2)
     stalling = threading.Event()
@@ -405,7 +406,7 @@ def test_a_stalled_source_frees_its_workers_for_other_models(
     assert info.value.reason == "stalled"
     assert read_tree(fetcher.store.model_path(row.digest)) == fast_files
     assert freed_at < 2 * 2 * 0.5 + 5  # two attempts of at most two windows each
-    assert 0.5 <= fast_at < freed_at + 5  # it waited for the workers, boundedly
+    assert fast_at < freed_at  # it never waited for the slow model's workers
 
 
 # -- 4. ranges and S3 integrity ---------------------------------------------------------------
