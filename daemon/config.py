@@ -32,6 +32,9 @@ class StoreConfig:
     """Evict down to this fraction of the budget."""
     quarantine_bytes: int = 10 * 1024**3
     """How many bytes of quarantined files to keep for inspection (oldest dropped first)."""
+    partial_max_age_s: float = 24 * 3600.0
+    """A partial download nobody has resumed (or written to) for this long is removed, when the
+    store opens and by ``gc``: a fetch that failed for good must not hold disk forever."""
 
 
 @dataclass(frozen=True)
@@ -302,6 +305,8 @@ def validate(config: Config) -> None:
     s, f = config.store, config.fetch
     if not 0 < s.low_watermark <= s.high_watermark <= 1:
         raise ConfigError("[store] need 0 < low_watermark <= high_watermark <= 1")
+    if s.partial_max_age_s < 0:
+        raise ConfigError("[store] partial_max_age_s must not be negative")
     if s.budget_bytes < 0 or s.quarantine_bytes < 0:
         raise ConfigError("[store] byte sizes must not be negative")
     if f.files_in_parallel < 1 or f.ranges_per_file < 1:

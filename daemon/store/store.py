@@ -142,8 +142,31 @@ class Store:
                     self.index.set_state(row.digest, CORRUPT, "tree and blobs missing")
         for entry in lay.staging.iterdir():
             if entry.name.endswith((".part", ".chunks", ".lock")):
-                continue  # resumable downloads and fetch locks
+                continue  # resumable downloads and fetch locks: clean_staging decides
             remove_tree(entry)
+        self.clean_staging()
+
+    def clean_staging(self) -> int:
+        """Remove what no fetch will use again: partial downloads (and their chunk logs) not
+        written for ``partial_max_age_s``, chunk logs without a partial, and fetch locks nobody
+        holds. A partial or lock some fetch holds is never touched. Returns the bytes freed."""
+        freed = 0
+        horizon = time.time() - self.config.partial_max_age_s
+        for entry in sorted(self.layout.staging.iterdir()):
+            name = entry.name
+            if name.endswith(".lock"):
+                _remove_if_unlocked(entry, entry)
+            elif name.endswith(".part"):
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat()
+                    if st.st_mtime < horizon and _remove_if_unlocked(
+                        entry, entry, entry.with_suffix(".chunks")
+                    ):
+                        log.info("removed a partial download nobody resumed: %s", name)
+                        freed += st.st_blocks * 512
+            elif name.endswith(".chunks") and not entry.with_suffix(".part").exists():
+                entry.unlink(missing_ok=True)
+        return freed
 
     def _mark_blob_missing(self, sha256: str) -> None:
         with self.index.tx() as c:
@@ -444,6 +467,7 @@ class Store:
         """Evict LRU unpinned models until blob bytes <= ``target_bytes`` (default: the low
         watermark of the budget); also drop failed models' partial state."""
         with self.locked():
+            self.clean_staging()
             usage = self.usage()
             target = (
                 target_bytes
@@ -588,11 +612,20 @@ class FetchLock:
         self._fd = -1
 
     def __enter__(self) -> FetchLock:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
+        # The file exists only while someone holds it: whoever unlocks removes it first, so a
+        # waiter that got the lock of a removed file tries again on a fresh one.
+        while True:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                    return self
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
 
     def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
         os.close(self._fd)
 
     def held_elsewhere(self) -> bool:
@@ -608,3 +641,22 @@ class FetchLock:
         finally:
             os.close(fd)
         return False
+
+
+def _remove_if_unlocked(lock_path: Path, *paths: Path) -> bool:
+    """Remove ``paths`` if nobody holds the flock of ``lock_path`` (taken while removing)."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+    return True
