@@ -51,7 +51,7 @@ from weightcache.csi.server import start_server
 from weightcache.daemon.config import Config, CsiConfig, PolicyConfig, StoreConfig
 from weightcache.daemon.hashing import Fingerprint, StreamHasher
 from weightcache.daemon.plan import listing_digest
-from weightcache.daemon.store.store import READY, Access, Store
+from weightcache.daemon.store.store import READY, Access, Store, Trust
 from weightcache.daemon.wiring import build_fetcher, build_policy
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
@@ -150,7 +150,7 @@ def build_model(store: Store, src: Path, key: str, nbytes: int, files: int, part
     listing = [(p.name, fp.size, fp.sha256) for p, fp in zip(paths, fps, strict=True)]
     digest = listing_digest(listing)
     ref = f"file://{src}"
-    store.begin(digest, ref, "file", nbytes, Access.ANONYMOUS)
+    store.begin(digest, ref, "file", nbytes, Access.ANONYMOUS, Trust.DIGEST)
     for path, fp in zip(paths, fps, strict=True):
         # The store's staging is on the same filesystem: a hard link stands for the download.
         staged = store.temp_path("bench")

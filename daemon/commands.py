@@ -18,7 +18,7 @@ from weightcache.daemon.errors import InvalidReference, WeightcacheError
 from weightcache.daemon.fetcher import Progress
 from weightcache.daemon.references import ModelRef, parse_reference
 from weightcache.daemon.store.index import ModelRow
-from weightcache.daemon.store.store import FETCHING, Store
+from weightcache.daemon.store.store import FETCHING, Store, Trust
 from weightcache.daemon.store.verify import verify_store
 from weightcache.daemon.wiring import build_fetcher
 
@@ -171,6 +171,11 @@ def ls(config: Config, json_out: bool) -> int:
                     detail += f" last error: {r.error[:80]}"
             else:
                 detail = r.error[:80] if r.error else "-"
+            if r.trust == Trust.FIRST_FETCH:
+                # No digest from the source checked these bytes (an S3 object without one).
+                detail = (
+                    f"{detail} (trusted on first fetch)" if r.error else "trusted on first fetch"
+                )
             size = r.size or r.bytes_total
             _say(
                 f"{r.digest[:19]} {r.state:9} {human_bytes(size):>10} {r.files:>6} {pins:>4}  "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -48,7 +49,7 @@ from weightcache.daemon.retry import with_retries
 from weightcache.daemon.sources import Sources
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.staging import stage_stream
-from weightcache.daemon.store.store import READY, Access, Store
+from weightcache.daemon.store.store import READY, Access, Store, Trust
 from weightcache.daemon.store.tarsafe import (
     LayerTree,
     TreeBuilder,
@@ -345,7 +346,14 @@ class Fetcher:
 
     def _fetch(self, plan: ModelPlan) -> ModelRow:
         store = self.store
-        store.begin(plan.digest, str(plan.ref), plan.format, plan.total_bytes, self._access(plan))
+        trust = (
+            Trust.FIRST_FETCH
+            if any(isinstance(i, RemoteFile) and i.trusted_on_first_fetch for i in plan.items)
+            else Trust.DIGEST
+        )
+        store.begin(
+            plan.digest, str(plan.ref), plan.format, plan.total_bytes, self._access(plan), trust
+        )
         progress = Progress(plan.digest, str(plan.ref), plan.total_bytes)
         self._progress[plan.digest] = progress
         try:
@@ -429,11 +437,11 @@ class Fetcher:
                 aliases.append((f, first))
         jobs = _JobQueue(self._files, self.config.files_in_parallel, stop)
         files = {
-            key: jobs.submit(lambda f=f: self._fetch_file(plan, f, progress, stop))
+            key: jobs.submit(functools.partial(self._fetch_file, plan, f, progress, stop))
             for key, f in unique.items()
         }
         archives = [
-            jobs.submit(lambda a=a: self._fetch_archive(plan, a, progress, stop))
+            jobs.submit(functools.partial(self._fetch_archive, plan, a, progress, stop))
             for a in todo
             if isinstance(a, RemoteArchive)
         ]
@@ -555,7 +563,9 @@ class Fetcher:
             if repaired:
                 partial.discard()
                 return repaired
-            offset = partial.resume(hasher)
+            # Without a sha256 to compare, an announced MD5 (a single-part S3 ETag) is checked.
+            md5 = hashlib.md5(usedforsecurity=False) if item.sha256 is None and item.md5 else None
+            offset = partial.resume(hasher, md5.update if md5 else None)
             progress.add(offset)
             position = offset
             for view in self._parts(
@@ -563,8 +573,16 @@ class Fetcher:
             ):
                 partial.write(position, view)
                 partial.record_chunks(hasher.update(view))
+                if md5 is not None:
+                    md5.update(view)
                 position += len(view)
             fp = hasher.finish()
+            if md5 is not None and md5.hexdigest() != item.md5:
+                partial.discard()
+                raise DigestMismatch(
+                    f"{plan.ref}: {item.path} has MD5 {md5.hexdigest()}, but the source "
+                    f"announced {item.md5}; the download was discarded"
+                )
             if item.size % part:
                 partial.record_chunks([fp.chunk_digest(fp.chunk_count - 1)])
             partial.fsync()
@@ -735,7 +753,11 @@ class _JobQueue:
                 self._cancel_all()
                 return
             # A worker cancelled by the pool's shutdown leaves no job waiting forever.
-            worker.add_done_callback(lambda w: w.cancelled() and self._cancel_all())
+            worker.add_done_callback(self._after_worker)
+
+    def _after_worker(self, worker: Future[None]) -> None:
+        if worker.cancelled():
+            self._cancel_all()
 
     def _cancel_all(self) -> None:
         with self._lock:

@@ -66,6 +66,14 @@ class RemoteFile:
     """``sha256:<hex>`` when the source announces it (OCI); else computed while fetching."""
     version: str = ""
     """A version tag the source checks on every read (S3 ETag); empty when not applicable."""
+    md5: str | None = None
+    """Hex MD5 of the whole object when the source announces one (a single-part S3 ETag) and
+    no sha256: checked while fetching."""
+
+    @property
+    def trusted_on_first_fetch(self) -> bool:
+        """Nothing the source announced can check the bytes: they are taken as first fetched."""
+        return self.sha256 is None and self.md5 is None
 
     @property
     def staging_key(self) -> str:

@@ -199,6 +199,7 @@ class S3Source:
             locator=obj.key,
             version=pin(etag, version_id),
             sha256=trust.sha256,
+            md5=trust.md5,
         )
         return file, trust
 

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS models (
     bytes_total INTEGER NOT NULL DEFAULT 0,
     rate        REAL NOT NULL DEFAULT 0,
     error       TEXT NOT NULL DEFAULT '',
-    access      TEXT NOT NULL DEFAULT 'credentials'
+    access      TEXT NOT NULL DEFAULT 'credentials',
+    trust       TEXT NOT NULL DEFAULT 'digest'
 );
 CREATE TABLE IF NOT EXISTS blobs (
     sha256      TEXT PRIMARY KEY,
@@ -95,6 +96,9 @@ class ModelRow:
     error: str
     access: str
     """How the node obtained it: ``anonymous`` (public on this node) or ``credentials``."""
+    trust: str
+    """``digest``: every file was checked against a digest the source announced (or hashed
+    locally); ``first-fetch``: some file had none and was taken as first fetched."""
 
 
 @dataclass(frozen=True)
@@ -134,11 +138,13 @@ class Index:
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(_SCHEMA)
             columns = {str(r[1]) for r in self._conn.execute("PRAGMA table_info(models)")}
-            if "access" not in columns:
-                # A store written before access was recorded: nothing it holds is public.
-                self._conn.execute(
-                    "ALTER TABLE models ADD COLUMN access TEXT NOT NULL DEFAULT 'credentials'"
-                )
+            # A store written before these were recorded: nothing it holds is public, and
+            # the checks it made are not known.
+            for name, default in (("access", "credentials"), ("trust", "first-fetch")):
+                if name not in columns:
+                    self._conn.execute(
+                        f"ALTER TABLE models ADD COLUMN {name} TEXT NOT NULL DEFAULT '{default}'"
+                    )
             self._conn.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
@@ -179,16 +185,19 @@ class Index:
     def models(self) -> list[ModelRow]:
         return [ModelRow(*r) for r in self.query("SELECT * FROM models ORDER BY created_at")]  # type: ignore[arg-type]
 
-    def upsert_fetching(self, digest: str, ref: str, fmt: str, total: int, access: str) -> None:
+    def upsert_fetching(
+        self, digest: str, ref: str, fmt: str, total: int, access: str, trust: str
+    ) -> None:
         now = time.time()
         with self.tx() as c:
             c.execute(
                 "INSERT INTO models(digest, ref, format, state, created_at, last_used,"
-                " bytes_total, access) VALUES (?, ?, ?, 'fetching', ?, ?, ?, ?)"
+                " bytes_total, access, trust) VALUES (?, ?, ?, 'fetching', ?, ?, ?, ?, ?)"
                 " ON CONFLICT(digest) DO UPDATE SET state = CASE WHEN state = 'ready' THEN state"
                 " ELSE 'fetching' END, ref = excluded.ref, bytes_total = excluded.bytes_total,"
-                " error = '', last_used = excluded.last_used, access = excluded.access",
-                (digest, ref, fmt, now, now, total, access),
+                " error = '', last_used = excluded.last_used, access = excluded.access,"
+                " trust = excluded.trust",
+                (digest, ref, fmt, now, now, total, access, trust),
             )
 
     def set_progress(self, digest: str, done: int, total: int, rate: float, error: str) -> None:

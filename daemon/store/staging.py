@@ -20,6 +20,7 @@ import errno
 import fcntl
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -139,8 +140,9 @@ class PartialFile:
             self._writer.close()
         os.close(self._fd)  # releases the flock
 
-    def resume(self, hasher: StreamHasher) -> int:
-        """Check the kept prefix against the chunk log; feed it to ``hasher``; return its length."""
+    def resume(self, hasher: StreamHasher, also: Callable[[bytes], object] | None = None) -> int:
+        """Check the kept prefix against the chunk log; feed it to ``hasher`` (and ``also``);
+        return its length."""
         log = os.pread(self._log_fd, os.fstat(self._log_fd).st_size, 0)
         disk = os.fstat(self._fd).st_size
         good = 0
@@ -153,6 +155,8 @@ class PartialFile:
             if len(data) != length or chunk_xxh3(data) != log[i * _ENTRY : (i + 1) * _ENTRY]:
                 break
             hasher.update(data)
+            if also is not None:
+                also(data)
             good = start + length
         kept_chunks = -(-good // self.chunk_size) if good else 0
         os.ftruncate(self._fd, good)

@@ -55,6 +55,16 @@ class Access(StrEnum):
     for namespaces a policy rule grants it, or pods whose own pull secret opens it."""
 
 
+class Trust(StrEnum):
+    """What the bytes of a model were checked against when they were fetched."""
+
+    DIGEST = "digest"
+    """Every file against a digest its source announced (or hashed locally)."""
+    FIRST_FETCH = "first-fetch"
+    """Some file had no announced digest (an S3 object without a checksum or MD5 ETag): its
+    bytes are taken as first fetched, and the scrubber keeps them as they were then."""
+
+
 @dataclass(frozen=True)
 class Usage:
     """Bytes held and allowed."""
@@ -257,10 +267,12 @@ class Store:
     def model_path(self, digest: str) -> Path:
         return self.layout.model(digest)
 
-    def begin(self, digest: str, ref: str, fmt: str, total: int, access: Access) -> None:
-        """Record a model as being fetched (kept ``ready`` if it already is), and how it is
-        obtained."""
-        self.index.upsert_fetching(digest, ref, fmt, total, str(access))
+    def begin(
+        self, digest: str, ref: str, fmt: str, total: int, access: Access, trust: Trust
+    ) -> None:
+        """Record a model as being fetched (kept ``ready`` if it already is), how it is
+        obtained and what its bytes are checked against."""
+        self.index.upsert_fetching(digest, ref, fmt, total, str(access), str(trust))
 
     def forget_files(self, digest: str, keep: set[str]) -> None:
         """Drop file records of a model that are not in ``keep`` (a re-fetch changed its plan)."""
