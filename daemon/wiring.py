@@ -50,7 +50,7 @@ def build_sources(config: Config) -> Sources:
         {
             "oci": OciSource(http),
             "s3": S3Source(_s3_client, config.fetch.timeout_s, limits=limits),
-            "file": LocalSource(),
+            "file": LocalSource(config.policy.file_roots),
         },
         {"oci": OciProvenance(http, anonymous), "file": LocalProvenance()},
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +20,14 @@ import pytest
 from botocore.config import Config as BotoConfig
 from helpers import PART, make_config, models_dir_entries, read_tree
 
-from weightcache.daemon.config import Config, Mirror, RegistryConfig
-from weightcache.daemon.errors import DigestMismatch, PolicyDenied, SourceError, WeightcacheError
+from weightcache.daemon.config import Config, Mirror, PolicyConfig, RegistryConfig
+from weightcache.daemon.errors import (
+    DigestMismatch,
+    PolicyDenied,
+    SourceError,
+    UnsafeContent,
+    WeightcacheError,
+)
 from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.references import OciRef, parse_reference
 from weightcache.daemon.sources import Sources
@@ -30,6 +37,7 @@ from weightcache.daemon.sources.oci_http import Credentials, RegistryHTTP, load_
 from weightcache.daemon.sources.ranges import Limits
 from weightcache.daemon.sources.s3 import S3Source, integrity
 from weightcache.daemon.store.store import READY, Store
+from weightcache.daemon.wiring import build_fetcher
 from weightcache.testing.faultproxy import FaultProxy, Rule, run_fault_proxy
 from weightcache.testing.hostile import Answer, challenge, huge_token, run_hostile, s3_error
 from weightcache.testing.models import ModelPublisher, publish_s3, sample_model
@@ -509,11 +517,34 @@ def test_s3_single_part_etag_is_an_md5_and_multipart_is_not(s3: S3Endpoint, make
     )
     # A multipart SHA-256 is a checksum of part checksums: never compared with the file's.
     assert multi.md5 is None and multi.sha256 is None and multi.trusted_on_first_fetch
-    plan = make(s3_client=client).resolve(parse_reference("s3://etags/m/"))
+    fetcher = make(s3_client=client)
+    plan = fetcher.resolve(parse_reference("s3://etags/m/"))
     assert {i.path: getattr(i, "sha256", "") for i in plan.items} == {
         "single.bin": None,
         "multi.bin": None,
     }
+    assert {i.path: getattr(i, "md5", "") for i in plan.items} == {
+        "single.bin": hashlib.md5(data).hexdigest(),
+        "multi.bin": None,
+    }
+    # The multipart object can be checked against nothing: the model says so.
+    row = fetcher.warm(parse_reference("s3://etags/m/"))
+    assert row.trust == "first-fetch"
+    client.delete_object(Bucket="etags", Key="m/multi.bin")
+    row = fetcher.warm(parse_reference("s3://etags/m/"))
+    assert row.trust == "digest"  # the MD5 was checked
+
+
+def test_s3_bytes_that_differ_from_the_md5_etag_fail_the_fetch(
+    s3: S3Endpoint, s3_proxy: FaultProxy, make: Make
+) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket="md5")
+    client.put_object(Bucket="md5", Key="m/w.bin", Body=os.urandom(PART + 11))
+    s3_proxy.state.rules.append(Rule(r"/md5/m/w\.bin", flip_at=5, times=1))
+    fetcher = make(s3_client=_client(s3_proxy.url, s3))
+    _fails(fetcher, "s3://md5/m/", DigestMismatch, "w.bin has MD5")
+    assert models_dir_entries(fetcher.store.layout.root) == []
 
 
 def test_s3_lying_content_range_is_refused(
@@ -606,3 +637,65 @@ def test_s3_refused_credentials_fail_at_once_naming_the_fix(
         assert len(endpoint.seen) == 1
     assert isinstance(err, SourceError) and err.reason == "auth" and not err.retryable
     assert code in str(err)
+
+
+# -- 6. local directories ---------------------------------------------------------------------
+
+
+def _hf_cache(hub: Path, files: dict[str, bytes]) -> Path:
+    """A Hugging Face hub cache: content in blobs/, the snapshot's files link there."""
+    repo = hub / "models--org--m"
+    snapshot = repo / "snapshots" / ("ab" * 20)
+    for rel, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return snapshot
+
+
+def test_a_hugging_face_cache_snapshot_is_a_file_source_under_an_allowed_root(
+    tmp_path: Path,
+) -> None:
+    files = sample_model(9)
+    snapshot = _hf_cache(tmp_path / "hub", files)
+    ref = parse_reference(f"file://{snapshot}")
+
+    def fetcher(*roots: Path) -> Fetcher:
+        config = make_config(
+            tmp_path / f"store-{roots[0].name}-{len(made)}", policy=PolicyConfig(file_roots=roots)
+        )
+        made.append(build_fetcher(config, Store(config.store)))
+        return made[-1]
+
+    made: list[Fetcher] = []
+
+    whole = fetcher(tmp_path / "hub")
+    try:
+        row = whole.warm(ref)
+        assert read_tree(whole.store.model_path(row.digest)) == files
+    finally:
+        whole.close()
+        whole.store.close()
+    # The cache is not wholly under a root: its links leave the allowed directory.
+    partial = fetcher(snapshot)
+    try:
+        with pytest.raises(UnsafeContent, match="points outside"):
+            partial.warm(ref)
+    finally:
+        partial.close()
+        partial.store.close()
+    # A snapshot link out of the cache's repository folder is refused even under the root.
+    secret = tmp_path / "hub" / "other" / "secret.bin"
+    secret.parent.mkdir()
+    secret.write_bytes(b"another tenant's file")
+    os.symlink(secret, snapshot / "stolen.bin")
+    escaping = fetcher(tmp_path / "hub")
+    try:
+        with pytest.raises(UnsafeContent, match=r"stolen\.bin"):
+            escaping.warm(ref)
+    finally:
+        escaping.close()
+        escaping.store.close()

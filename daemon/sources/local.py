@@ -1,7 +1,10 @@
 """``file://`` directories: a local tree read as-is.
 
-Symlinks are followed only when their target stays inside the directory (a Hugging Face cache
-snapshot is such a tree); anything else that is not a regular file or directory is refused.
+Symlinks are followed only to regular files inside the directory, or, for a Hugging Face cache
+snapshot (``<repo>/snapshots/<revision>``, whose files link into ``<repo>/blobs/``), inside the
+cache's repository folder when that whole folder lies under an allowed root (any folder when no
+roots are configured: the CLI's operator). Anything else that is not a regular file or
+directory is refused.
 The model digest is the sha256 of the canonical listing with each file's content sha256, so a
 changed file is a different model.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from weightcache.daemon.errors import SourceError, UnsafeContent
@@ -21,6 +25,17 @@ from weightcache.daemon.references import FileRef, ModelRef
 class LocalSource:
     """Reads models from local directories."""
 
+    def __init__(self, roots: Sequence[Path] = ()) -> None:
+        self._roots = tuple(r.resolve() for r in roots)
+
+    def _link_scope(self, real_root: Path) -> Path:
+        """Where symlinks of the model directory may point."""
+        if real_root.parent.name == "snapshots":
+            repo = real_root.parent.parent
+            if not self._roots or any(repo.is_relative_to(r) for r in self._roots):
+                return repo
+        return real_root
+
     def resolve(self, ref: ModelRef) -> ModelPlan:
         assert isinstance(ref, FileRef)
         root = Path(ref.path)
@@ -29,7 +44,7 @@ class LocalSource:
                 raise SourceError(f"{ref}: not a directory", reason="invalid")
         except FileNotFoundError:
             raise SourceError(f"{ref}: directory does not exist", reason="not_found") from None
-        real_root = root.resolve()
+        real_root = self._link_scope(root.resolve())
         items: list[RemoteFile] = []
         listing: list[tuple[str, int, str]] = []
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
