@@ -159,7 +159,9 @@ def test_capacity_is_the_model_size_when_known(
             tight.capacity_range.required_bytes = 1
             code, msg = await _code(c.stub.CreateVolume(tight))
             assert code == Code.OUT_OF_RANGE and str(total) in msg
-        async with serving_controller(tmp_path, unknown) as c:
+        again = tmp_path / "again"  # a fresh socket path: the first server's may linger
+        again.mkdir()
+        async with serving_controller(again, unknown) as c:
             vol = (await c.stub.CreateVolume(create("pvc-3", model=ref))).volume
             assert vol.capacity_bytes == 1 << 30
 
