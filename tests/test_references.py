@@ -75,3 +75,31 @@ def test_malformed(text: str, message: str) -> None:
     with pytest.raises(InvalidReference, match=message.replace("(", r"\(")) as exc:
         parse_reference(text)
     assert isinstance(exc.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "oci://registry.example.com/team/llm:v1",
+        "oci://REGISTRY.Example.COM/team/llm:v1",
+        "oci://registry.example.com:443/team/llm:v1",
+        "oci://registry.example.com./team/llm:v1",
+        "oci://Registry.Example.Com.:443/team/llm:v1",
+        "oci://10.0.0.5/team/llm:v1",
+        "oci://10.0.0.5:443/team/llm:v1",
+        "oci://internal-mirror:5000/team/llm:v1",
+    ],
+)
+def test_every_spelling_of_a_registry_folds_into_one_reference(spelling: str) -> None:
+    aliases = {"10.0.0.5": "registry.example.com", "internal-mirror:5000": "registry.example.com"}
+    assert str(parse_reference(spelling, aliases)) == "oci://registry.example.com/team/llm:v1"
+
+
+def test_other_ports_and_hosts_stay_distinct() -> None:
+    assert str(parse_reference("oci://registry.example.com:5000/team/llm:v1")) == (
+        "oci://registry.example.com:5000/team/llm:v1"
+    )
+    aliases = {"10.0.0.5": "registry.example.com"}
+    assert str(parse_reference("oci://10.0.0.6/team/llm:v1", aliases)) == (
+        "oci://10.0.0.6/team/llm:v1"
+    )
