@@ -11,8 +11,8 @@ NodePublishVolume through ``csi_pb2_grpc.NodeStub`` over grpc.aio, as the kubele
 The two models are built into the store without a network fetch and without writing their
 bytes: each file is sparse (truncated to size, a few unique bytes at its start so none dedupe),
 fingerprinted with the fetcher's own StreamHasher (sha256 + xxh3, reading the holes), and
-committed through the store's public methods in the fetcher's order (begin, commit_blob,
-forget_files, install, remember). ``Fetcher.warm`` is not used: it would write every zero.
+committed through the store's ingest transaction, as the fetcher does (commit, install,
+remember). ``Fetcher.warm`` is not used: it would write every zero.
 
 For each model, ``--calls`` publishes to distinct new target paths (timed one by one on the
 client side), then as many unpublishes. Beside them:
@@ -51,7 +51,8 @@ from weightcache.csi.server import start_server
 from weightcache.daemon.config import Config, CsiConfig, PolicyConfig, StoreConfig
 from weightcache.daemon.hashing import Fingerprint, StreamHasher
 from weightcache.daemon.plan import listing_digest
-from weightcache.daemon.store.store import READY, Access, Store, Trust
+from weightcache.daemon.store.states import Access, ModelState, Trust
+from weightcache.daemon.store.store import Store
 from weightcache.daemon.wiring import build_fetcher, build_policy
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
@@ -150,17 +151,16 @@ def build_model(store: Store, src: Path, key: str, nbytes: int, files: int, part
     listing = [(p.name, fp.size, fp.sha256) for p, fp in zip(paths, fps, strict=True)]
     digest = listing_digest(listing)
     ref = f"file://{src}"
-    store.begin(digest, ref, "file", nbytes, Access.ANONYMOUS, Trust.DIGEST)
-    for path, fp in zip(paths, fps, strict=True):
-        # The store's staging is on the same filesystem: a hard link stands for the download.
-        staged = store.temp_path("bench")
-        os.link(path, staged)
-        store.commit_blob(staged, fp, digest, path.name)
-    store.forget_files(digest, {p.name for p in paths})
-    store.install(digest)
+    with store.ingest(digest, ref, "file", nbytes, Access.ANONYMOUS, Trust.DIGEST) as ingest:
+        for path, fp in zip(paths, fps, strict=True):
+            # The store's staging is on the same filesystem: a hard link stands for the download.
+            staged = store.temp_path("bench")
+            os.link(path, staged)
+            ingest.commit(staged, fp, path.name, expected=fp.sha256)
+        ingest.install({p.name for p in paths})
     store.remember(ref, digest)
     row = store.model(digest)
-    assert row is not None and row.state == READY and store.resolve_cached(ref) == digest
+    assert row is not None and row.state == ModelState.READY and store.resolve_cached(ref) == digest
     return Model(key, size_label(nbytes, files), ref, digest, nbytes, files)
 
 

@@ -40,11 +40,11 @@ from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.policy import Policy
 from weightcache.daemon.references import Aliases
 from weightcache.daemon.store.index import ModelRow
-from weightcache.daemon.store.store import CORRUPT, READY, Store
+from weightcache.daemon.store.states import ModelState, PinKind
+from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import check_model
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
-MOUNT_PIN = "mount"
 _TREE = re.compile(r"/models/[0-9a-f]{64}$")
 
 
@@ -102,7 +102,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         mounted = self._mounter.mounts()
         dropped = []
         for model, kind, holder in self._store.pins():
-            if kind == MOUNT_PIN and holder not in mounted:
+            if kind == PinKind.MOUNT and holder not in mounted:
                 self._store.unpin(model, kind, holder)
                 dropped.append(holder)
         return dropped
@@ -141,7 +141,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 await asyncio.to_thread(
                     self._policy.authorize, attrs.model, attrs.pod_namespace, secrets, cached
                 )
-                if cached is not None and cached.state == READY:
+                if cached is not None and cached.state == ModelState.READY:
                     row, hit = cached, True
                 else:
                     row, hit = await self._ready_model(attrs, cached), False
@@ -160,7 +160,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         corrupt or CachedOnly, else fetched, waiting at most ``publish_wait_s``."""
         ref = str(attrs.model)
         digest = row.digest if row is not None else None
-        if row is not None and row.state == CORRUPT:
+        if row is not None and row.state == ModelState.CORRUPT:
             self._repair(attrs, row.digest)
             # The damage is the store's own words (a relative path and what differs); why a
             # repair failed may quote a source, so it is told in public words only.
@@ -201,7 +201,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         pins = {
             m
             for m, kind, holder in self._store.pins()
-            if kind == MOUNT_PIN and holder == str(target)
+            if kind == PinKind.MOUNT and holder == str(target)
         }
         if mounted and pins == {digest}:
             return  # already published: idempotent
@@ -209,7 +209,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise AlreadyExists(f"{target} already holds another volume ({sorted(pins)})")
         # Pinned first, atomically with eviction: the tree cannot leave between the check
         # and the bind.
-        if not self._store.pin_if_ready(digest, MOUNT_PIN, str(target)):
+        if not self._store.pin_if_ready(digest, PinKind.MOUNT, str(target)):
             raise FetchInProgress(
                 f"model {attrs.model} ({digest}) left the cache while being published; retry"
             )
@@ -232,7 +232,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             target.mkdir(parents=True, exist_ok=True)
             self._mounter.bind_read_only(self._store.model_path(digest), target)
         except BaseException:
-            self._store.unpin(digest, MOUNT_PIN, str(target))
+            self._store.unpin(digest, PinKind.MOUNT, str(target))
             if created:
                 with contextlib.suppress(OSError):
                     target.rmdir()
@@ -297,7 +297,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if target.is_dir() and not os.listdir(target):
                 target.rmdir()
         for model, kind, holder in self._store.pins():
-            if kind == MOUNT_PIN and holder == str(target):
+            if kind == PinKind.MOUNT and holder == str(target):
                 self._store.unpin(model, kind, holder)
 
 

@@ -18,7 +18,8 @@ from weightcache.daemon.errors import InvalidReference, WeightcacheError
 from weightcache.daemon.fetcher import Progress
 from weightcache.daemon.references import ModelRef, parse_reference
 from weightcache.daemon.store.index import ModelRow
-from weightcache.daemon.store.store import FETCHING, Store, Trust
+from weightcache.daemon.store.states import ModelState, Trust
+from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import verify_store
 from weightcache.daemon.wiring import build_fetcher
 
@@ -82,7 +83,7 @@ def _model_json(row: ModelRow, store: Store) -> dict[str, Any]:
 
 def _eta(row: ModelRow) -> float | None:
     """Seconds left of a fetch in progress, from its recorded rate; None when unknown."""
-    if row.state != FETCHING or row.rate <= 0:
+    if row.state != ModelState.FETCHING or row.rate <= 0:
         return None
     return (row.bytes_total - row.bytes_done) / row.rate
 
@@ -160,7 +161,7 @@ def ls(config: Config, json_out: bool) -> int:
         )
         for r in rows:
             pins = len(store.pins(r.digest))
-            if r.state == FETCHING:
+            if r.state == ModelState.FETCHING:
                 pct = 100.0 * r.bytes_done / r.bytes_total if r.bytes_total else 0.0
                 eta = _eta(r)
                 detail = (

@@ -49,7 +49,8 @@ from weightcache.daemon.retry import with_retries
 from weightcache.daemon.sources import Sources
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.staging import stage_stream
-from weightcache.daemon.store.store import READY, Access, Store, Trust
+from weightcache.daemon.store.states import Access, ModelState, Trust
+from weightcache.daemon.store.store import Ingest, Store
 from weightcache.daemon.store.tarsafe import (
     LayerTree,
     TreeBuilder,
@@ -256,7 +257,7 @@ class Fetcher:
         row = self.store.model(digest)
         if row is None:
             raise NotCached(f"model {digest} is not in the store")
-        if row.state == READY:
+        if row.state == ModelState.READY:
             return row
         ref = parse_reference(row.ref)
         if isinstance(ref, OciRef):
@@ -304,7 +305,7 @@ class Fetcher:
     def _held(self, digest: str) -> ModelRow | None:
         """The model's record if it is ready (marking it used), else None."""
         row = self.store.model(digest)
-        if row is None or row.state != READY:
+        if row is None or row.state != ModelState.READY:
             return None
         self.store.touch(digest)
         return row
@@ -345,86 +346,79 @@ class Fetcher:
         return sha
 
     def _fetch(self, plan: ModelPlan) -> ModelRow:
-        store = self.store
         trust = (
             Trust.FIRST_FETCH
             if any(isinstance(i, RemoteFile) and i.trusted_on_first_fetch for i in plan.items)
             else Trust.DIGEST
         )
-        store.begin(
-            plan.digest, str(plan.ref), plan.format, plan.total_bytes, self._access(plan), trust
-        )
         progress = Progress(plan.digest, str(plan.ref), plan.total_bytes)
         self._progress[plan.digest] = progress
         try:
-            todo: list[RemoteFile | RemoteArchive] = []
-            for item in plan.items:
-                sha = self._reusable(plan, item) if isinstance(item, RemoteFile) else None
-                if isinstance(item, RemoteFile) and sha is not None:
-                    store.link_blob(plan.digest, item.path, sha)
-                    progress.add(item.size)
-                else:
-                    todo.append(item)
-            store.make_room(_space_needed(todo), keep=plan.digest)
-            layers = self._transfer(plan, todo, progress)
-            if layers:
-                tree = TreeBuilder(
-                    allow_override=any(
-                        isinstance(i, RemoteArchive) and i.whiteouts for i in plan.items
-                    )
-                )
-                for layer in layers:  # manifest order: image layers override earlier ones
-                    merge(tree, layer, f"{plan.ref}")
-                for path, sha in tree.files.items():
-                    store.link_blob(plan.digest, path, sha)
-                keep = set(tree.files)
-            else:
-                keep = set()
-            store.forget_files(
-                plan.digest, keep | {i.path for i in plan.items if isinstance(i, RemoteFile)}
-            )
-            store.install(plan.digest)
-            restored = store.restore_complete()
-            for other in restored:
-                log.info("model %s restored: a blob it shares was fetched again", other)
-            with self._lock:  # whatever failed to repair before is whole now
-                for digest in (plan.digest, *restored):
-                    self._repair_failures.pop(digest, None)
-            row = store.model(plan.digest)
-            assert row is not None
-            self.metrics.fetch_duration.observe(time.monotonic() - progress.started)
-            log.info(
-                "model %s ready: %d bytes in %.2fs",
+            with self.store.ingest(
                 plan.digest,
+                str(plan.ref),
+                plan.format,
                 plan.total_bytes,
-                time.monotonic() - progress.started,
-            )
-            return row
-        except WeightcacheError as exc:
-            progress.failed(exc)
-            store.fail(plan.digest, str(exc))
-            self.metrics.fetch_failures.labels(failure_reason(exc)).inc()
-            raise
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                msg = f"disk full while fetching {plan.ref}: {exc.strerror}"
-                progress.failed(InsufficientSpace(msg))
-                self._discard_partials(plan)  # first: the index needs room to record the failure
+                self._access(plan),
+                trust,
+            ) as ingest:
                 try:
-                    store.fail(plan.digest, msg)
-                except sqlite3.Error as db_exc:
-                    log.error("%s; the index could not record it either: %s", msg, db_exc)
-                self.metrics.fetch_failures.labels("no_space").inc()
-                raise InsufficientSpace(msg) from exc
+                    self._ingest(plan, ingest, progress)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    self._discard_partials(plan)  # first: the index needs room to record it
+                    raise InsufficientSpace(
+                        f"disk full while fetching {plan.ref}: {exc.strerror}"
+                    ) from exc
+        except (WeightcacheError, OSError) as exc:
             progress.failed(exc)
-            store.fail(plan.digest, str(exc))
-            self.metrics.fetch_failures.labels("io").inc()
+            self.metrics.fetch_failures.labels(failure_reason(exc)).inc()
             raise
         finally:
             self._report(progress, final=True)
+        restored = self.store.restore_complete()
+        for other in restored:
+            log.info("model %s restored: a blob it shares was fetched again", other)
+        with self._lock:  # whatever failed to repair before is whole now
+            for digest in (plan.digest, *restored):
+                self._repair_failures.pop(digest, None)
+        row = self.store.model(plan.digest)
+        assert row is not None
+        took = time.monotonic() - progress.started
+        self.metrics.fetch_duration.observe(took)
+        log.info("model %s ready: %d bytes in %.2fs", plan.digest, plan.total_bytes, took)
+        return row
+
+    def _ingest(self, plan: ModelPlan, ingest: Ingest, progress: Progress) -> None:
+        todo: list[RemoteFile | RemoteArchive] = []
+        for item in plan.items:
+            sha = self._reusable(plan, item) if isinstance(item, RemoteFile) else None
+            if isinstance(item, RemoteFile) and sha is not None:
+                ingest.link(item.path, sha)
+                progress.add(item.size)
+            else:
+                todo.append(item)
+        ingest.make_room(_space_needed(todo))
+        layers = self._transfer(plan, ingest, todo, progress)
+        keep = {i.path for i in plan.items if isinstance(i, RemoteFile)}
+        if layers:
+            tree = TreeBuilder(
+                allow_override=any(isinstance(i, RemoteArchive) and i.whiteouts for i in plan.items)
+            )
+            for layer in layers:  # manifest order: image layers override earlier ones
+                merge(tree, layer, f"{plan.ref}")
+            for path, sha in tree.files.items():
+                ingest.link(path, sha)
+            keep |= set(tree.files)
+        ingest.install(keep)
 
     def _transfer(
-        self, plan: ModelPlan, todo: list[RemoteFile | RemoteArchive], progress: Progress
+        self,
+        plan: ModelPlan,
+        ingest: Ingest,
+        todo: list[RemoteFile | RemoteArchive],
+        progress: Progress,
     ) -> list[LayerTree]:
         """Fetch every item in parallel; return the archives' layers in manifest order."""
         stop = threading.Event()
@@ -437,11 +431,11 @@ class Fetcher:
                 aliases.append((f, first))
         jobs = _JobQueue(self._files, self.config.files_in_parallel, stop)
         files = {
-            key: jobs.submit(functools.partial(self._fetch_file, plan, f, progress, stop))
+            key: jobs.submit(functools.partial(self._fetch_file, plan, ingest, f, progress, stop))
             for key, f in unique.items()
         }
         archives = [
-            jobs.submit(functools.partial(self._fetch_archive, plan, a, progress, stop))
+            jobs.submit(functools.partial(self._fetch_archive, plan, ingest, a, progress, stop))
             for a in todo
             if isinstance(a, RemoteArchive)
         ]
@@ -463,7 +457,7 @@ class Fetcher:
             raise next((e for e in failures if not isinstance(e, InterruptedError)), failures[0])
         shas = {key: fut.result() for key, fut in files.items()}
         for alias, first in aliases:
-            self.store.link_blob(plan.digest, alias.path, shas[first.staging_key])
+            ingest.link(alias.path, shas[first.staging_key])
             progress.add(alias.size)
         return [fut.result() for fut in archives]
 
@@ -544,7 +538,12 @@ class Fetcher:
         return buf
 
     def _fetch_file(
-        self, plan: ModelPlan, item: RemoteFile, progress: Progress, stop: threading.Event
+        self,
+        plan: ModelPlan,
+        ingest: Ingest,
+        item: RemoteFile,
+        progress: Progress,
+        stop: threading.Event,
     ) -> str:
         """Download one file into its partial (resuming), verify it, commit it; its sha256."""
         part = self.config.part_bytes
@@ -554,12 +553,12 @@ class Fetcher:
             held = self._reusable(plan, item)
             if held is not None:
                 # Another model's fetch committed the same content while we waited for it.
-                self.store.link_blob(plan.digest, item.path, held)
+                ingest.link(item.path, held)
                 progress.add(item.size)
                 partial.discard()
                 return held
             known = item.sha256 or self.store.file_sha(plan.digest, item.path)
-            repaired = known and self._repair_by_range(plan, item, known, progress, stop)
+            repaired = known and self._repair_by_range(plan, ingest, item, known, progress, stop)
             if repaired:
                 partial.discard()
                 return repaired
@@ -586,23 +585,23 @@ class Fetcher:
             if item.size % part:
                 partial.record_chunks([fp.chunk_digest(fp.chunk_count - 1)])
             partial.fsync()
-            # Verified and committed under the partial's lock, so a second writer waiting for
-            # it finds either the partial as it was or the committed blob, never a half-way.
-            if item.sha256 and fp.sha256 != item.sha256:
-                partial.discard()
-                raise DigestMismatch(
-                    f"{plan.ref}: {item.path} hashes to {fp.sha256}, but the source announced "
-                    f"{item.sha256}; the download was discarded"
-                )
             # The log goes first: once the partial is renamed into blobs/, a second writer can
             # create a new partial at the same name without waiting for our lock, and must not
-            # find (or lose) our log there.
+            # find (or lose) our log there. Verified (by the store, against the announced
+            # digest) and committed under the partial's lock, so a second writer waiting for
+            # it finds either the partial as it was or the committed blob, never a half-way.
             partial.forget_log()
-            self.store.commit_blob(partial.path, fp, plan.digest, item.path)
+            ingest.commit(partial.path, fp, item.path, expected=item.sha256)
         return fp.sha256
 
     def _repair_by_range(
-        self, plan: ModelPlan, item: RemoteFile, sha: str, progress: Progress, stop: threading.Event
+        self,
+        plan: ModelPlan,
+        ingest: Ingest,
+        item: RemoteFile,
+        sha: str,
+        progress: Progress,
+        stop: threading.Event,
     ) -> str | None:
         """Heal a file from its quarantined copy: fetch only the chunks whose xxh3 differs from
         the record (a truncated copy's tail counts as differing), check each fetched chunk, then
@@ -642,7 +641,7 @@ class Fetcher:
             if fp.sha256 != sha:
                 log.warning("%s: %s did not repair by range; downloading it", plan.ref, item.path)
                 return None
-            self.store.commit_blob(tmp, fp, plan.digest, item.path)
+            ingest.commit(tmp, fp, item.path, expected=sha)
         except (WeightcacheError, OSError) as exc:
             log.warning(
                 "%s: repairing %s by range failed (%s); downloading it", plan.ref, item.path, exc
@@ -659,7 +658,12 @@ class Fetcher:
         return sha
 
     def _fetch_archive(
-        self, plan: ModelPlan, item: RemoteArchive, progress: Progress, stop: threading.Event
+        self,
+        plan: ModelPlan,
+        ingest: Ingest,
+        item: RemoteArchive,
+        progress: Progress,
+        stop: threading.Event,
     ) -> LayerTree:
         """Stream a tar layer from the source straight into staged member files, hashing the
         layer on the way; commit the members only once the layer's digest checks out.
@@ -702,7 +706,7 @@ class Fetcher:
                     f"{item.sha256}; its unpacked files were discarded"
                 )
             for rel, (tmp, fp) in staged.items():
-                self.store.commit_blob(tmp, fp, plan.digest, rel)
+                ingest.commit(tmp, fp, rel, expected=None)  # the layer's digest matched
             staged.clear()
             return layer
         finally:

@@ -32,7 +32,7 @@ from weightcache.daemon.config import PolicyConfig, PolicyRule
 from weightcache.daemon.errors import PolicyDenied, SourceError
 from weightcache.daemon.references import FileRef, ModelRef, OciRef
 from weightcache.daemon.store.index import ModelRow
-from weightcache.daemon.store.store import Access
+from weightcache.daemon.store.states import Access
 
 log = logging.getLogger(__name__)
 MAX_REMEMBERED = 4096

@@ -32,6 +32,7 @@ from weightcache.daemon.hashing import chunk_xxh3
 from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.ratelimit import RateLimiter
 from weightcache.daemon.store.index import BlobRow
+from weightcache.daemon.store.states import BlobState
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import Problem, metadata_problem
 from weightcache.daemon.threads import start_guarded
@@ -109,7 +110,7 @@ class Scrubber:
                 result.complete = False
                 break
             blob = self._store.blob_row(sha)
-            if blob is None or blob.state != "ok":
+            if blob is None or blob.state != BlobState.OK:
                 continue  # quarantined meanwhile
             result.files += 1
             try:

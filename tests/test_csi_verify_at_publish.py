@@ -14,7 +14,7 @@ from csi_harness import mountinfo_entries, publish, serving_node, unpublish
 from helpers import make_config, read_tree
 
 from weightcache.daemon.references import parse_reference
-from weightcache.daemon.store.store import CORRUPT, READY
+from weightcache.daemon.store.states import ModelState
 from weightcache.daemon.store.verify import check_model
 from weightcache.testing.models import sample_model, write_files
 
@@ -56,7 +56,7 @@ def test_fast_check_refuses_a_rewritten_file_and_the_repair_mounts(tmp_path: Pat
             assert n.store.pins() == []
             # The repair was started by the refusal; joining it waits for it to finish.
             healed = await asyncio.to_thread(n.fetcher.warm, parse_reference(ref))
-            assert healed.state == READY
+            assert healed.state == ModelState.READY
             await n.stub.NodePublishVolume(publish(ref, tmp_path / "kubelet" / "t"))
             assert read_tree(tmp_path / "kubelet" / "t") == files
 
@@ -84,7 +84,7 @@ def test_full_check_catches_what_fast_cannot(tmp_path: Path) -> None:
                 )
             )
             assert victim in msg and "content differs in 1 chunk" in msg
-            assert n.store.model(row.digest).state == CORRUPT  # type: ignore[union-attr]
+            assert n.store.model(row.digest).state == ModelState.CORRUPT  # type: ignore[union-attr]
             # CachedOnly starts no repair: the model stays corrupt and is refused.
             msg = await _refused(
                 n.stub.NodePublishVolume(
@@ -93,7 +93,7 @@ def test_full_check_catches_what_fast_cannot(tmp_path: Path) -> None:
             )
             assert "failed a re-check" in msg and victim in msg
             assert n.fetcher.progress(row.digest) == last_fetch
-            assert n.store.model(row.digest).state == CORRUPT  # type: ignore[union-attr]
+            assert n.store.model(row.digest).state == ModelState.CORRUPT  # type: ignore[union-attr]
 
     asyncio.run(main())
 

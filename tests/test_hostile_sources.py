@@ -36,7 +36,8 @@ from weightcache.daemon.sources.oci_access import RegistryAccess
 from weightcache.daemon.sources.oci_http import Credentials, RegistryHTTP, load_docker_config
 from weightcache.daemon.sources.ranges import Limits
 from weightcache.daemon.sources.s3 import S3Source, integrity
-from weightcache.daemon.store.store import READY, Store
+from weightcache.daemon.store.states import ModelState
+from weightcache.daemon.store.store import Store
 from weightcache.daemon.wiring import build_fetcher
 from weightcache.testing.faultproxy import FaultProxy, Rule, run_fault_proxy
 from weightcache.testing.hostile import Answer, challenge, huge_token, run_hostile, s3_error
@@ -599,7 +600,7 @@ def test_s3_object_changed_mid_fetch(
         assert models_dir_entries(fetcher.store.config.root) == [old.digest.removeprefix("sha256:")]
     assert rule.hits == 1
     kept = fetcher.store.model(old.digest)
-    assert kept is not None and kept.state == READY
+    assert kept is not None and kept.state == ModelState.READY
     assert read_tree(fetcher.store.model_path(old.digest)) == v1
 
 

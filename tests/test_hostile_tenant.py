@@ -31,7 +31,7 @@ from weightcache.daemon.kube.client import KubeClient
 from weightcache.daemon.kube.naming import WARM_ANNOTATION
 from weightcache.daemon.kube.warm import WarmController
 from weightcache.daemon.references import parse_reference
-from weightcache.daemon.store.store import Access
+from weightcache.daemon.store.states import Access
 from weightcache.daemon.wiring import build_policy
 from weightcache.testing.fake_kube import FakeKube, deployment, node, run_fake_kube
 from weightcache.testing.faultproxy import FaultProxy, Rule

@@ -16,7 +16,8 @@ from helpers import PART, Hold, make_config, models_dir_entries, read_tree, run_
 from weightcache.daemon.errors import InsufficientSpace
 from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.references import parse_reference
-from weightcache.daemon.store.store import CORRUPT, READY, Store
+from weightcache.daemon.store.states import ModelState
+from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import verify_store
 from weightcache.daemon.wiring import build_fetcher
 from weightcache.testing.faultproxy import FaultProxy, Rule
@@ -169,7 +170,10 @@ def test_lru_eviction_makes_room_and_pins_are_kept(tmp_path: Path) -> None:
         ):
             store.pin(c.digest, "warm", "default/deploy/llm")
             fetcher.warm(parse_reference(_local_model(tmp_path, 4, 4 * PART)))
-        assert {r.digest for r in store.models() if r.state == READY} == {a.digest, c.digest}
+        assert {r.digest for r in store.models() if r.state == ModelState.READY} == {
+            a.digest,
+            c.digest,
+        }
     finally:
         fetcher.close()
         store.close()
@@ -285,7 +289,7 @@ def test_verify_full_catches_a_flipped_byte_and_quarantines(tmp_path: Path) -> N
     assert not victim.exists()
     assert len(list((store_dir / "quarantine").iterdir())) == 1
     ls = json.loads(_cli("ls", "--store", str(store_dir), "--json").stdout)
-    assert ls["models"][0]["state"] == CORRUPT
+    assert ls["models"][0]["state"] == ModelState.CORRUPT
 
 
 def test_verify_fast_catches_a_replaced_file(tmp_path: Path) -> None:
@@ -310,9 +314,9 @@ def test_warm_heals_a_corrupt_model(tmp_path: Path) -> None:
     fetcher = build_fetcher(config, store)
     try:
         report = verify_store(store, full=True)
-        assert not report.ok and store.model(digest).state == CORRUPT  # type: ignore[union-attr]
+        assert not report.ok and store.model(digest).state == ModelState.CORRUPT  # type: ignore[union-attr]
         row = fetcher.warm(parse_reference(f"file://{tmp_path / 'src'}"))
-        assert row.state == READY
+        assert row.state == ModelState.READY
         assert read_tree(store.model_path(digest)) == files
         assert verify_store(store, full=True).ok
     finally:
@@ -373,4 +377,4 @@ def test_a_failed_fetch_is_not_remembered(tmp_path: Path, fetcher: Fetcher) -> N
         with pytest.raises(SourceError, match="does not exist"):
             fetcher.warm(ref)
     write_files(src, {"w.bin": b"weights"})
-    assert fetcher.warm(ref).state == READY
+    assert fetcher.warm(ref).state == ModelState.READY

@@ -23,7 +23,7 @@ from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.node_agent import _node_event_poster
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.scrubber import Scrubber
-from weightcache.daemon.store.store import CORRUPT, READY
+from weightcache.daemon.store.states import ModelState
 from weightcache.daemon.store.verify import check_model
 from weightcache.testing.fake_kube import node, run_fake_kube
 from weightcache.testing.faultproxy import FaultProxy
@@ -105,7 +105,7 @@ def test_flipped_bytes_are_found_in_one_pass_refused_and_repaired_by_range(
             msg = await _refused(h, ref, tmp_path / "kubelet" / "early")
             assert any(rel in msg for rel in victims)
             healed = await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
-            assert healed.state == READY
+            assert healed.state == ModelState.READY
             assert read_tree(h.store.model_path(row.digest)) == files
             # Only the two damaged chunks crossed the network.
             assert proxy.state.blob_bytes_relayed == 2 * PART
@@ -177,7 +177,7 @@ def test_replaced_and_deleted_files(tmp_path: Path) -> None:
             msg = await _refused(h, ref, tmp_path / "kubelet" / "t")
             assert replaced in msg or deleted in msg
             healed = await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
-            assert healed.state == READY and read_tree(tree) == files
+            assert healed.state == ModelState.READY and read_tree(tree) == files
             assert h.fetcher.repaired_bytes == 0  # the blobs were intact: relinked, not fetched
 
     asyncio.run(main())
@@ -198,7 +198,7 @@ def test_a_source_that_is_gone_leaves_the_model_corrupt_with_the_reason(tmp_path
             with pytest.raises(Exception) as exc:
                 await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
             after = h.store.model(row.digest)
-            assert after is not None and after.state == CORRUPT
+            assert after is not None and after.state == ModelState.CORRUPT
             assert victim in after.error and "repair failed" in after.error
             assert str(exc.value) in after.error
             msg = await _refused(h, ref, tmp_path / "kubelet" / "t")
@@ -209,11 +209,11 @@ def test_a_source_that_is_gone_leaves_the_model_corrupt_with_the_reason(tmp_path
             # The source is back and the model is warmed whole: that memory is gone with it.
             os.rename(tmp_path / "moved-away", src)
             healed = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
-            assert healed.state == READY
+            assert healed.state == ModelState.READY
             _flip(h.store.model_path(row.digest) / victim, 20)
             await asyncio.to_thread(_scrubber(h, []).scrub_pass)
             repaired = await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
-            assert repaired.state == READY
+            assert repaired.state == ModelState.READY
 
     asyncio.run(main())
 

@@ -58,11 +58,11 @@ from weightcache.daemon.plan import ModelPlan
 from weightcache.daemon.policy import Policy
 from weightcache.daemon.references import Aliases, ModelRef, parse_reference
 from weightcache.daemon.store.index import ModelRow
-from weightcache.daemon.store.store import READY, Store
+from weightcache.daemon.store.states import ModelState, PinKind
+from weightcache.daemon.store.store import Store
 from weightcache.daemon.threads import start_guarded
 
 log = logging.getLogger(__name__)
-WARM_PIN = "warm"
 EVENT_TRIES = 5
 """Passes an Event is offered to an API server that is unreachable or overloaded."""
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
@@ -329,7 +329,7 @@ class WarmController:
         if released is not None:
             row = self._store.cached_model(key)
             mounted = row is not None and any(
-                kind != WARM_PIN for _, kind, _ in self._store.pins(row.digest)
+                kind != PinKind.WARM for _, kind, _ in self._store.pins(row.digest)
             )
             if released == workload.generation and not mounted:
                 return False
@@ -359,7 +359,7 @@ class WarmController:
 
     def _ready_row(self, ref: str) -> ModelRow | None:
         row = self._store.cached_model(ref)
-        return row if row is not None and row.state == READY else None
+        return row if row is not None and row.state == ModelState.READY else None
 
     def _label_room(self, labels: Mapping[str, str], want: _Wanted) -> bool:
         """Whether the node can carry one more warm label for ``want`` once it is ready."""
@@ -442,7 +442,7 @@ class WarmController:
         digests = {
             m
             for m, kind, holder in self._store.pins()
-            if kind == WARM_PIN and holder_namespace(holder) == namespace and m != exclude
+            if kind == PinKind.WARM and holder_namespace(holder) == namespace and m != exclude
         }
         held = sum(row.size for d in digests if (row := self._store.model(d)) is not None)
         return held + sum(size for ns, size in self._reserved.values() if namespace in ns)
@@ -455,7 +455,7 @@ class WarmController:
         holders: Mapping[str, list[str]],
         ready: Mapping[str, ModelRow],
     ) -> None:
-        current = {(m, h) for m, k, h in self._store.pins() if k == WARM_PIN}
+        current = {(m, h) for m, k, h in self._store.pins() if k == PinKind.WARM}
         limit = self._config.namespace_bytes
         want_pins: set[tuple[str, str]] = set()
         for key, want in wanted.items():
@@ -480,14 +480,14 @@ class WarmController:
                         "([warm] namespace_bytes)",
                     )
                     continue
-                self._store.pin(row.digest, WARM_PIN, w.holder)
+                self._store.pin(row.digest, PinKind.WARM, w.holder)
                 current.add(pin)
                 want_pins.add(pin)
         for digest, holder in current - want_pins:
             names = holders.get(holder)
             if names and not all(n in ready for n in names):
                 continue  # a rollout in progress: keep the old version until the new is ready
-            self._store.unpin(digest, WARM_PIN, holder)
+            self._store.unpin(digest, PinKind.WARM, holder)
             log.info("%s no longer wants %s on this node: unpinned", holder, digest)
         self._release_idle(wanted, ready)
 
@@ -495,7 +495,7 @@ class WarmController:
         idle = self._config.idle_pin_s
         if not idle or row.last_used > self._clock() - idle:
             return False
-        return all(kind == WARM_PIN for _, kind, _ in self._store.pins(row.digest))
+        return all(kind == PinKind.WARM for _, kind, _ in self._store.pins(row.digest))
 
     def _release_idle(self, wanted: Mapping[str, _Wanted], ready: Mapping[str, ModelRow]) -> None:
         """Drop warm pins on models no pod has mounted for ``idle_pin_s``: a workload whose pods
@@ -505,7 +505,7 @@ class WarmController:
             if row is None or not self._idle(row):
                 continue
             for w in want.by:
-                self._store.unpin(row.digest, WARM_PIN, w.holder)
+                self._store.unpin(row.digest, PinKind.WARM, w.holder)
                 self._released[(w.holder, key)] = w.generation
                 log.info(
                     "%s: released the warm pin of %s, unused for %.0fs",

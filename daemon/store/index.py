@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from weightcache.daemon.hashing import Fingerprint
+from weightcache.daemon.store.states import BlobState, ModelState
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -278,3 +281,181 @@ class Index:
                 "INSERT OR REPLACE INTO refs(ref, digest, resolved_at) VALUES (?, ?, ?)",
                 (ref, digest, time.time()),
             )
+
+    # -- ingestion, quarantine, eviction (the store's transactions) ------------------------------
+
+    def blob_digests(self) -> list[str]:
+        return [str(r[0]) for r in self.query("SELECT sha256 FROM blobs")]
+
+    def record_blob(
+        self, fp: Fingerprint, inode: int, mtime_ns: int, model: str, path: str
+    ) -> None:
+        """A committed blob (its fingerprints, inode and mtime) and that ``model`` holds it at
+        ``path``, in one transaction."""
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO blobs(sha256, size, xxh3, chunk_size, chunks, inode, mtime_ns,"
+                " state, verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(sha256) DO UPDATE SET size = excluded.size, xxh3 = excluded.xxh3,"
+                " chunk_size = excluded.chunk_size, chunks = excluded.chunks,"
+                " inode = excluded.inode, mtime_ns = excluded.mtime_ns, state = excluded.state,"
+                " verified_at = excluded.verified_at",
+                (
+                    fp.sha256,
+                    fp.size,
+                    fp.xxh3,
+                    fp.chunk_size,
+                    fp.chunks,
+                    inode,
+                    mtime_ns,
+                    BlobState.OK,
+                    time.time(),
+                ),
+            )
+            c.execute(
+                "INSERT OR REPLACE INTO model_files(model, path, sha256) VALUES (?, ?, ?)",
+                (model, path, fp.sha256),
+            )
+
+    def link_file(self, model: str, path: str, sha256: str) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO model_files(model, path, sha256) VALUES (?, ?, ?)",
+                (model, path, sha256),
+            )
+
+    def forget_files(self, digest: str, keep: set[str]) -> None:
+        with self.tx() as c:
+            for (path,) in c.execute(
+                "SELECT path FROM model_files WHERE model = ?", (digest,)
+            ).fetchall():
+                if path not in keep:
+                    c.execute(
+                        "DELETE FROM model_files WHERE model = ? AND path = ?", (digest, path)
+                    )
+
+    def set_installed(self, digest: str) -> None:
+        """The model is ready: its size and file count from its records, progress complete."""
+        with self.tx() as c:
+            size, files = c.execute(
+                "SELECT COALESCE(SUM(b.size), 0), COUNT(*) FROM model_files f"
+                " JOIN blobs b ON b.sha256 = f.sha256 WHERE f.model = ?",
+                (digest,),
+            ).fetchone()
+            c.execute(
+                "UPDATE models SET state = ?, error = '', size = ?, files = ?, ready_at = ?,"
+                " bytes_done = bytes_total, rate = 0 WHERE digest = ?",
+                (ModelState.READY, size, files, time.time(), digest),
+            )
+
+    def mark_blob_missing(self, sha256: str, error: str) -> None:
+        """A recorded blob gone from disk: it and every ready model using it are marked."""
+        with self.tx() as c:
+            c.execute("UPDATE blobs SET state = ? WHERE sha256 = ?", (BlobState.MISSING, sha256))
+            c.execute(
+                "UPDATE models SET state = ?, error = ? WHERE state = ? AND digest IN "
+                "(SELECT model FROM model_files WHERE sha256 = ?)",
+                (ModelState.CORRUPT, error, ModelState.READY, sha256),
+            )
+
+    def record_quarantine(
+        self, digest: str, path: str, sha256: str, reason: str, *, blob_lost: bool
+    ) -> None:
+        """A file of ``digest`` was quarantined: the model is corrupt, and when the blob itself
+        was lost (the damaged inode was the blob), so is the blob and every model using it."""
+        error = f"{path}: {reason}"
+        with self.tx() as c:
+            if blob_lost:
+                c.execute(
+                    "UPDATE blobs SET state = ? WHERE sha256 = ?", (BlobState.CORRUPT, sha256)
+                )
+                c.execute(
+                    "UPDATE models SET state = ?, error = ? WHERE digest IN"
+                    " (SELECT model FROM model_files WHERE sha256 = ?)",
+                    (ModelState.CORRUPT, error, sha256),
+                )
+            c.execute(
+                "UPDATE models SET state = ?, error = ? WHERE digest = ?",
+                (ModelState.CORRUPT, error, digest),
+            )
+            c.execute(
+                "INSERT INTO verifications(sha256, at, mode, ok, detail)"
+                " VALUES (?, ?, 'quarantine', 0, ?)",
+                (sha256, time.time(), f"{digest} {error}"),
+            )
+
+    def pin(self, digest: str, kind: str, holder: str) -> None:
+        """Idempotent; a pin is a use: last_used moves in the same transaction."""
+        now = time.time()
+        with self.tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO pins(model, kind, holder, created_at) VALUES (?, ?, ?, ?)",
+                (digest, kind, holder, now),
+            )
+            c.execute("UPDATE models SET last_used = ? WHERE digest = ?", (now, digest))
+
+    def unpin(self, digest: str, kind: str, holder: str) -> None:
+        with self.tx() as c:
+            c.execute(
+                "DELETE FROM pins WHERE model = ? AND kind = ? AND holder = ?",
+                (digest, kind, holder),
+            )
+
+    def forget_model(self, digest: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM model_files WHERE model = ?", (digest,))
+            c.execute("DELETE FROM models WHERE digest = ?", (digest,))
+            c.execute("DELETE FROM refs WHERE digest = ?", (digest,))
+
+    def orphan_blobs(self) -> list[str]:
+        """Blobs no model file names any more."""
+        return [
+            str(r[0])
+            for r in self.query(
+                "SELECT sha256 FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM model_files)"
+            )
+        ]
+
+    def forget_blob(self, sha256: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+
+    def model_has_blob(self, digest: str, sha256: str) -> bool:
+        return bool(
+            self.scalar(
+                "SELECT 1 FROM model_files WHERE model = ? AND sha256 = ? LIMIT 1",
+                (digest, sha256),
+            )
+        )
+
+    def file_sha(self, digest: str, path: str) -> str | None:
+        rows = self.query(
+            "SELECT sha256 FROM model_files WHERE model = ? AND path = ?", (digest, path)
+        )
+        return str(rows[0][0]) if rows else None
+
+    def record_verification(self, sha256: str, mode: str, ok: bool, detail: str) -> None:
+        """A passing check replaces the earlier passes of its mode and moves ``verified_at``."""
+        now = time.time()
+        with self.tx() as c:
+            if ok:
+                c.execute(
+                    "DELETE FROM verifications WHERE sha256 = ? AND mode = ? AND ok = 1",
+                    (sha256, mode),
+                )
+                c.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (now, sha256))
+            c.execute(
+                "INSERT INTO verifications(sha256, at, mode, ok, detail) VALUES (?, ?, ?, ?, ?)",
+                (sha256, now, mode, int(ok), detail),
+            )
+
+    def scrub_rows(self) -> list[tuple[str, str, str]]:
+        """(blob, model, path) for held blobs of ready models, least recently verified first."""
+        rows = self.query(
+            "SELECT b.sha256, f.model, f.path FROM blobs b"
+            " JOIN model_files f ON f.sha256 = b.sha256"
+            " JOIN models m ON m.digest = f.model"
+            " WHERE b.state = ? AND m.state = ? ORDER BY b.verified_at, b.sha256",
+            (BlobState.OK, ModelState.READY),
+        )
+        return [(str(a), str(b), str(c)) for a, b, c in rows]

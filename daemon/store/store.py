@@ -16,16 +16,16 @@ import contextlib
 import fcntl
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 from weightcache.daemon.config import StoreConfig
-from weightcache.daemon.errors import InsufficientSpace
+from weightcache.daemon.errors import DigestMismatch, InsufficientSpace
 from weightcache.daemon.hashing import Fingerprint
 from weightcache.daemon.store.index import BlobRow, Index, ModelRow
 from weightcache.daemon.store.layout import (
@@ -36,33 +36,9 @@ from weightcache.daemon.store.layout import (
     seal_tree,
 )
 from weightcache.daemon.store.staging import PartialFile
+from weightcache.daemon.store.states import Access, BlobState, ModelState, Trust
 
 log = logging.getLogger(__name__)
-
-READY = "ready"
-FETCHING = "fetching"
-FAILED = "failed"
-CORRUPT = "corrupt"
-
-
-class Access(StrEnum):
-    """How the node obtained a model, which decides who may mount it (docs/security.md)."""
-
-    ANONYMOUS = "anonymous"
-    """The origin serves it without credentials: public on this node."""
-    CREDENTIALS = "credentials"
-    """It needed credentials (the node's, a mirror's, a cloud role): mounted and warmed only
-    for namespaces a policy rule grants it, or pods whose own pull secret opens it."""
-
-
-class Trust(StrEnum):
-    """What the bytes of a model were checked against when they were fetched."""
-
-    DIGEST = "digest"
-    """Every file against a digest its source announced (or hashed locally)."""
-    FIRST_FETCH = "first-fetch"
-    """Some file had no announced digest (an S3 object without a checksum or MD5 ETag): its
-    bytes are taken as first fetched, and the scrubber keeps them as they were then."""
 
 
 @dataclass(frozen=True)
@@ -121,9 +97,7 @@ class Store:
     def _reconcile(self) -> None:
         """Make the disk agree with the index. Stats files; never hashes them."""
         lay = self.layout
-        known_blobs = {
-            str(r[0]).removeprefix("sha256:") for r in self.index.query("SELECT sha256 FROM blobs")
-        }
+        known_blobs = {sha.removeprefix("sha256:") for sha in self.index.blob_digests()}
         on_disk = set()
         for sub in lay.blobs.iterdir():
             for f in sub.iterdir():
@@ -137,7 +111,7 @@ class Store:
         installed = {
             row.digest.removeprefix("sha256:"): row
             for row in self.index.models()
-            if row.state in (READY, CORRUPT)
+            if row.state in (ModelState.READY, ModelState.CORRUPT)
         }
         for tree in lay.models.iterdir():
             if tree.name not in installed:
@@ -149,7 +123,7 @@ class Store:
                 try:
                     self._build_tree(row.digest)
                 except FileNotFoundError:
-                    self.index.set_state(row.digest, CORRUPT, "tree and blobs missing")
+                    self.index.set_state(row.digest, ModelState.CORRUPT, "tree and blobs missing")
         for entry in lay.staging.iterdir():
             if entry.name.endswith((".part", ".chunks", ".lock")):
                 continue  # resumable downloads and fetch locks: clean_staging decides
@@ -179,13 +153,7 @@ class Store:
         return freed
 
     def _mark_blob_missing(self, sha256: str) -> None:
-        with self.index.tx() as c:
-            c.execute("UPDATE blobs SET state = 'missing' WHERE sha256 = ?", (sha256,))
-            c.execute(
-                "UPDATE models SET state = ?, error = ? WHERE state = ? AND digest IN "
-                "(SELECT model FROM model_files WHERE sha256 = ?)",
-                (CORRUPT, f"blob {sha256} is missing from the store", READY, sha256),
-            )
+        self.index.mark_blob_missing(sha256, f"blob {sha256} is missing from the store")
 
     # -- staging -------------------------------------------------------------------------------
 
@@ -205,9 +173,16 @@ class Store:
 
     def has_blob(self, sha256: str) -> bool:
         row = self.index.blob(sha256)
-        return row is not None and row.state == "ok" and self.layout.blob(sha256).exists()
+        return row is not None and row.state == BlobState.OK and self.layout.blob(sha256).exists()
 
-    def commit_blob(self, staged: Path, fp: Fingerprint, model: str, path: str) -> None:
+    def ingest(
+        self, digest: str, ref: str, fmt: str, total: int, access: Access, trust: Trust
+    ) -> Ingest:
+        """Start (or resume) the ingestion of one model: see :class:`Ingest`."""
+        self.begin(digest, ref, fmt, total, access, trust)
+        return Ingest(self, digest, ref)
+
+    def _commit_blob(self, staged: Path, fp: Fingerprint, model: str, path: str) -> None:
         """Move a verified, fsynced file into blobs/ (or drop it if the blob is already held)
         and record that ``model`` holds it at ``path``."""
         target = self.layout.blob(fp.sha256)
@@ -226,38 +201,11 @@ class Store:
             staged.unlink(missing_ok=True)
             fsync_dir(target.parent)
         st = os.stat(target)
-        now = time.time()
-        with self.index.tx() as c:
-            c.execute(
-                "INSERT INTO blobs(sha256, size, xxh3, chunk_size, chunks, inode, mtime_ns,"
-                " state, verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'ok', ?)"
-                " ON CONFLICT(sha256) DO UPDATE SET size = excluded.size, xxh3 = excluded.xxh3,"
-                " chunk_size = excluded.chunk_size, chunks = excluded.chunks,"
-                " inode = excluded.inode, mtime_ns = excluded.mtime_ns, state = 'ok',"
-                " verified_at = excluded.verified_at",
-                (
-                    fp.sha256,
-                    fp.size,
-                    fp.xxh3,
-                    fp.chunk_size,
-                    fp.chunks,
-                    st.st_ino,
-                    st.st_mtime_ns,
-                    now,
-                ),
-            )
-            c.execute(
-                "INSERT OR REPLACE INTO model_files(model, path, sha256) VALUES (?, ?, ?)",
-                (model, path, fp.sha256),
-            )
+        self.index.record_blob(fp, st.st_ino, st.st_mtime_ns, model, path)
 
     def link_blob(self, model: str, path: str, sha256: str) -> None:
         """Record that ``model`` holds an already stored blob at ``path``."""
-        with self.index.tx() as c:
-            c.execute(
-                "INSERT OR REPLACE INTO model_files(model, path, sha256) VALUES (?, ?, ?)",
-                (model, path, sha256),
-            )
+        self.index.link_file(model, path, sha256)
 
     # -- models --------------------------------------------------------------------------------
 
@@ -276,14 +224,7 @@ class Store:
 
     def forget_files(self, digest: str, keep: set[str]) -> None:
         """Drop file records of a model that are not in ``keep`` (a re-fetch changed its plan)."""
-        with self.index.tx() as c:
-            for (path,) in c.execute(
-                "SELECT path FROM model_files WHERE model = ?", (digest,)
-            ).fetchall():
-                if path not in keep:
-                    c.execute(
-                        "DELETE FROM model_files WHERE model = ? AND path = ?", (digest, path)
-                    )
+        self.index.forget_files(digest, keep)
 
     def install(self, digest: str) -> Path:
         """Build the model's tree from its blobs and rename it into models/, atomically.
@@ -291,18 +232,7 @@ class Store:
         An existing tree (a corrupt model being healed) is swapped out in one step."""
         with self.locked():
             path = self._build_tree(digest)
-            files = self.index.model_files(digest)
-            size = self.index.scalar(
-                "SELECT COALESCE(SUM(b.size), 0) FROM model_files f"
-                " JOIN blobs b ON b.sha256 = f.sha256 WHERE f.model = ?",
-                (digest,),
-            )
-            with self.index.tx() as c:
-                c.execute(
-                    "UPDATE models SET state = ?, error = '', size = ?, files = ?, ready_at = ?,"
-                    " bytes_done = bytes_total, rate = 0 WHERE digest = ?",
-                    (READY, size, len(files), time.time(), digest),
-                )
+            self.index.set_installed(digest)
         return path
 
     def restore_complete(self) -> list[str]:
@@ -310,7 +240,7 @@ class Store:
         restored a blob they share); return their digests."""
         restored = []
         for row in self.index.models():
-            if row.state != CORRUPT:
+            if row.state != ModelState.CORRUPT:
                 continue
             files = self.index.model_files(row.digest)
             if files and all(self.has_blob(sha) for _, sha in files):
@@ -347,8 +277,8 @@ class Store:
 
     def fail(self, digest: str, error: str) -> None:
         row = self.index.model(digest)
-        if row is not None and row.state != READY:
-            self.index.set_state(digest, FAILED, error)
+        if row is not None and row.state != ModelState.READY:
+            self.index.set_state(digest, ModelState.FAILED, error)
 
     def models(self) -> list[ModelRow]:
         return self.index.models()
@@ -377,31 +307,21 @@ class Store:
     def pin(self, digest: str, kind: str, holder: str) -> None:
         """Pin a model (idempotent). ``kind`` is ``mount`` or ``warm``; ``holder`` says who.
         A pin is a use: the model's last-used time moves in the same transaction."""
-        now = time.time()
-        with self.index.tx() as c:
-            c.execute(
-                "INSERT OR IGNORE INTO pins(model, kind, holder, created_at) VALUES (?, ?, ?, ?)",
-                (digest, kind, holder, now),
-            )
-            c.execute("UPDATE models SET last_used = ? WHERE digest = ?", (now, digest))
+        self.index.pin(digest, kind, holder)
 
     def pin_if_ready(self, digest: str, kind: str, holder: str) -> bool:
         """Pin a model only if it is ready, atomically with respect to eviction: once this
         returns True the tree stays until the pin is dropped."""
         with self.locked():
             row = self.index.model(digest)
-            if row is None or row.state != READY:
+            if row is None or row.state != ModelState.READY:
                 return False
             self.pin(digest, kind, holder)
             return True
 
     def unpin(self, digest: str, kind: str, holder: str) -> None:
         """Drop a pin; dropping an absent pin is not an error."""
-        with self.index.tx() as c:
-            c.execute(
-                "DELETE FROM pins WHERE model = ? AND kind = ? AND holder = ?",
-                (digest, kind, holder),
-            )
+        self.index.unpin(digest, kind, holder)
 
     def pins(self, digest: str | None = None) -> list[tuple[str, str, str]]:
         return self.index.pins(digest)
@@ -456,23 +376,13 @@ class Store:
     def _evict(self, digest: str) -> None:
         log.info("evicting model %s", digest)
         self.evictions += 1
-        with self.index.tx() as c:
-            c.execute("DELETE FROM model_files WHERE model = ?", (digest,))
-            c.execute("DELETE FROM models WHERE digest = ?", (digest,))
-            c.execute("DELETE FROM refs WHERE digest = ?", (digest,))
+        self.index.forget_model(digest)
         remove_tree(self.layout.model(digest))
         self._drop_orphan_blobs()
 
     def _drop_orphan_blobs(self) -> None:
-        orphans = [
-            str(r[0])
-            for r in self.index.query(
-                "SELECT sha256 FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM model_files)"
-            )
-        ]
-        for sha in orphans:
-            with self.index.tx() as c:
-                c.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))
+        for sha in self.index.orphan_blobs():
+            self.index.forget_blob(sha)
             self.layout.blob(sha).unlink(missing_ok=True)
 
     def gc(self, target_bytes: int | None) -> list[str]:
@@ -524,23 +434,9 @@ class Store:
                     os.chmod(parent, 0o555)
             if shared_inode:
                 blob.unlink(missing_ok=True)
-            with self.index.tx() as c:
-                if shared_inode or not blob.exists():
-                    c.execute("UPDATE blobs SET state = 'corrupt' WHERE sha256 = ?", (sha256,))
-                    c.execute(
-                        "UPDATE models SET state = ?, error = ? WHERE digest IN"
-                        " (SELECT model FROM model_files WHERE sha256 = ?)",
-                        (CORRUPT, f"{path}: {reason}", sha256),
-                    )
-                c.execute(
-                    "UPDATE models SET state = ?, error = ? WHERE digest = ?",
-                    (CORRUPT, f"{path}: {reason}", digest),
-                )
-                c.execute(
-                    "INSERT INTO verifications(sha256, at, mode, ok, detail)"
-                    " VALUES (?, ?, 'quarantine', 0, ?)",
-                    (sha256, time.time(), f"{digest} {path}: {reason}"),
-                )
+            self.index.record_quarantine(
+                digest, path, sha256, reason, blob_lost=shared_inode or not blob.exists()
+            )
             self._trim_quarantine()
             return dest if moved else tree_file
 
@@ -555,23 +451,15 @@ class Store:
 
     def mark_corrupt(self, digest: str, error: str) -> None:
         """Keep a model refused with the reason a repair could not happen."""
-        self.index.set_state(digest, CORRUPT, error)
+        self.index.set_state(digest, ModelState.CORRUPT, error)
 
     def holds_blob_for(self, digest: str, sha256: str) -> bool:
         """Whether ``digest``'s own records name this blob (it was fetched for this model)."""
-        return bool(
-            self.index.scalar(
-                "SELECT 1 FROM model_files WHERE model = ? AND sha256 = ? LIMIT 1",
-                (digest, sha256),
-            )
-        )
+        return self.index.model_has_blob(digest, sha256)
 
     def file_sha(self, digest: str, path: str) -> str | None:
         """The sha256 recorded for one file of a model."""
-        rows = self.index.query(
-            "SELECT sha256 FROM model_files WHERE model = ? AND path = ?", (digest, path)
-        )
-        return str(rows[0][0]) if rows else None
+        return self.index.file_sha(digest, path)
 
     def _trim_quarantine(self) -> None:
         entries = sorted(self.layout.quarantine.iterdir(), key=lambda p: p.stat().st_mtime)
@@ -587,33 +475,68 @@ class Store:
     def record_verification(self, sha256: str, mode: str, ok: bool, detail: str) -> None:
         """Record a check. A passing one replaces the previous passes of its mode (the scrubber
         passes over everything forever; only failures are history worth keeping)."""
-        now = time.time()
-        with self.index.tx() as c:
-            if ok:
-                c.execute(
-                    "DELETE FROM verifications WHERE sha256 = ? AND mode = ? AND ok = 1",
-                    (sha256, mode),
-                )
-                c.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (now, sha256))
-            c.execute(
-                "INSERT INTO verifications(sha256, at, mode, ok, detail) VALUES (?, ?, ?, ?, ?)",
-                (sha256, now, mode, int(ok), detail),
-            )
+        self.index.record_verification(sha256, mode, ok, detail)
 
     def scrub_order(self) -> list[tuple[str, list[tuple[str, str]]]]:
         """Held blobs that ready models use, least recently verified first, each with the
         (model, path) entries that use it."""
-        rows = self.index.query(
-            "SELECT b.sha256, f.model, f.path FROM blobs b"
-            " JOIN model_files f ON f.sha256 = b.sha256"
-            " JOIN models m ON m.digest = f.model"
-            " WHERE b.state = 'ok' AND m.state = ? ORDER BY b.verified_at, b.sha256",
-            (READY,),
-        )
         order: dict[str, list[tuple[str, str]]] = {}
-        for sha, model, path in rows:
-            order.setdefault(str(sha), []).append((str(model), str(path)))
+        for sha, model, path in self.index.scrub_rows():
+            order.setdefault(sha, []).append((model, path))
         return list(order.items())
+
+
+class Ingest:
+    """One model's way into the store, after containerd's content store: the only path by
+    which content becomes a blob and a model becomes ``ready``.
+
+    Held blobs are linked, room is made, a staged file is committed only when its sha256 is
+    the one expected (compared here, not by the caller), the tree is installed, and a failure
+    is recorded in one place: leaving the ``with`` block by an exception marks the model
+    failed with its message. Thread-safe: the transfers of one model commit concurrently."""
+
+    def __init__(self, store: Store, digest: str, ref: str) -> None:
+        self._store = store
+        self.digest = digest
+        self._ref = ref
+
+    def __enter__(self) -> Ingest:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            return
+        try:
+            self._store.fail(self.digest, str(exc))
+        except sqlite3.Error as db_exc:  # a full disk may leave no room to say so
+            log.error("%s: %s; the index could not record it: %s", self.digest, exc, db_exc)
+
+    def link(self, path: str, sha256: str) -> None:
+        """``path`` of this model is the held blob ``sha256`` (the caller has proof)."""
+        self._store.link_blob(self.digest, path, sha256)
+
+    def make_room(self, needed: int) -> list[str]:
+        return self._store.make_room(needed, keep=self.digest)
+
+    def commit(self, staged: Path, fp: Fingerprint, path: str, expected: str | None) -> None:
+        """Commit a fsynced staged file as ``path`` of this model. With ``expected`` (the
+        digest the source announced), a file that hashed otherwise is dropped and refused
+        with :class:`DigestMismatch`; None is for content whose bytes were checked as a whole
+        (the members of a tar layer whose digest matched) or that no source digest covers
+        (recorded as the model's ``trust``)."""
+        if expected is not None and fp.sha256 != expected:
+            staged.unlink(missing_ok=True)
+            raise DigestMismatch(
+                f"{self._ref}: {path} hashes to {fp.sha256}, but the source announced "
+                f"{expected}; the download was discarded"
+            )
+        self._store._commit_blob(staged, fp, self.digest, path)
+
+    def install(self, paths: set[str]) -> Path:
+        """Keep exactly ``paths`` (a re-fetch may have changed the plan), build the tree and
+        rename it into ``models/``: the model is ``ready``."""
+        self._store.forget_files(self.digest, paths)
+        return self._store.install(self.digest)
 
 
 class FetchLock:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from weightcache.daemon.hashing import chunk_xxh3
 from weightcache.daemon.store.index import BlobRow
-from weightcache.daemon.store.store import CORRUPT, READY, Store
+from weightcache.daemon.store.states import BlobState, ModelState
+from weightcache.daemon.store.store import Store
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def check_model(
     for rec in store.index.model_file_records(digest):
         check.files += 1
         path = os.path.join(tree, rec.path)
-        if rec.state != "ok":
+        if rec.state != BlobState.OK:
             check.problems.append(Problem(digest, rec.path, rec.sha256, "blob is not held"))
             continue
         reason = metadata_problem(path, rec.size or 0, rec.inode or 0, rec.mtime_ns or 0)
@@ -138,9 +139,9 @@ def _shape_problem(st: os.stat_result | None, size: int) -> str | None:
 def verify_store(store: Store, *, full: bool, quarantine: bool = True) -> VerifyReport:
     report = VerifyReport(mode="full" if full else "fast")
     for row in store.models():
-        if row.state == CORRUPT:
+        if row.state == ModelState.CORRUPT:
             report.corrupt_models.append(row.digest)
-        if row.state not in (READY, CORRUPT):
+        if row.state not in (ModelState.READY, ModelState.CORRUPT):
             continue
         report.models += 1
         check = check_model(store, row.digest, full=full, quarantine=quarantine)
@@ -148,6 +149,10 @@ def verify_store(store: Store, *, full: bool, quarantine: bool = True) -> Verify
         report.bytes_hashed += check.bytes_hashed
         report.problems += check.problems
         after = store.model(row.digest)
-        if after is not None and after.state == CORRUPT and row.digest not in report.corrupt_models:
+        if (
+            after is not None
+            and after.state == ModelState.CORRUPT
+            and row.digest not in report.corrupt_models
+        ):
             report.corrupt_models.append(row.digest)
     return report
