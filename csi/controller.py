@@ -5,10 +5,12 @@ inline volume attributes), derives a deterministic volume id from the name and t
 and hands the parameters back as volume_context, which the kubelet passes to NodePublishVolume.
 The node does the real work; DeleteVolume has nothing to free.
 
-Names seen by this process are remembered so that the same name with other parameters is
-ALREADY_EXISTS. The external-provisioner only ever repeats a name with the same parameters
-(StorageClass parameters are immutable), so nothing needs to survive a restart: a repeat after
-a restart gets the same id again.
+Names seen by this process are remembered with the volume they were given (id and capacity),
+so that a repeat is answered with the same volume and the same name with other parameters, or
+with a capacity_range the volume does not meet, is ALREADY_EXISTS (CSI spec v1.12, CreateVolume).
+The external-provisioner only repeats a name with the claim's parameters and size (StorageClass
+parameters are immutable, the driver offers no expansion), so nothing needs to survive a
+restart: a repeat after a restart gets the same id again. docs/csi.md holds the spec table.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from weightcache.csi.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
 from weightcache.csi.interceptor import Context
@@ -37,7 +40,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def __init__(self, model_size: ModelSize | None = None, size_timeout_s: float = 10.0) -> None:
         self._model_size = model_size
         self._size_timeout = size_timeout_s
-        self._names: dict[str, str] = {}  # volume name -> volume id
+        self._names: dict[str, _Created] = {}  # volume name -> the volume it was given
         self._lock = threading.Lock()
 
     async def ControllerGetCapabilities(
@@ -58,27 +61,42 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         _check_capabilities(request.volume_capabilities)
         if request.HasField("volume_content_source"):
             raise InvalidArgument("volume_content_source is not supported: models are read-only")
+        if request.mutable_parameters:
+            raise InvalidArgument(
+                "mutable_parameters are not supported: the driver has no MODIFY_VOLUME capability"
+            )
         required, limit = _capacity_range(request)
         attrs = parse_volume_attributes(request.parameters)
         volume_context = _volume_context(attrs)
         volume_id = volume_id_for(request.name, volume_context)
         with self._lock:
-            known = self._names.setdefault(request.name, volume_id)
-        if known != volume_id:
+            known = self._names.get(request.name)
+        if known is None:
+            size = await self._size(attrs.model)
+            if size is not None and limit and size > limit:
+                raise OutOfRange(
+                    f"model {attrs.model} holds {size} bytes, more than the limit of {limit} bytes"
+                )
+            # At least what was asked (the provisioner refuses a smaller volume), and the
+            # model's size when that is more: the number is informational, the node mounts the
+            # whole model.
+            capacity = max(size or 0, required) or limit
+            with self._lock:  # a concurrent first call may have won: answer with its volume
+                known = self._names.setdefault(request.name, _Created(volume_id, capacity))
+        if known.volume_id != volume_id:
             raise AlreadyExists(
-                f"volume {request.name!r} already exists with other parameters ({known})"
+                f"volume {request.name!r} already exists with other parameters ({known.volume_id})"
             )
-        size = await self._size(attrs.model)
-        if size is not None and limit and size > limit:
-            raise OutOfRange(
-                f"model {attrs.model} holds {size} bytes, more than the limit of {limit} bytes"
+        if required > known.capacity_bytes or (limit and known.capacity_bytes > limit):
+            raise AlreadyExists(
+                f"volume {request.name!r} already exists with {known.capacity_bytes} bytes, "
+                f"outside the capacity_range asked for (required {required}, limit {limit or '-'})"
             )
-        # At least what was asked (the provisioner refuses a smaller volume), and the model's
-        # size when that is more: the number is informational, the node mounts the whole model.
-        capacity = max(size or 0, required) or limit
         return csi_pb2.CreateVolumeResponse(
             volume=csi_pb2.Volume(
-                volume_id=volume_id, capacity_bytes=capacity, volume_context=volume_context
+                volume_id=volume_id,
+                capacity_bytes=known.capacity_bytes,
+                volume_context=volume_context,
             )
         )
 
@@ -101,7 +119,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not request.volume_id:
             raise InvalidArgument("volume_id is required")
         with self._lock:
-            for name in [n for n, v in self._names.items() if v == request.volume_id]:
+            for name in [n for n, v in self._names.items() if v.volume_id == request.volume_id]:
                 del self._names[name]
         return csi_pb2.DeleteVolumeResponse()
 
@@ -128,6 +146,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             parameters=request.parameters,
         )
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+
+@dataclass(frozen=True)
+class _Created:
+    """What a name was given: the answer every compatible repeat gets."""
+
+    volume_id: str
+    capacity_bytes: int
 
 
 def volume_id_for(name: str, volume_context: Mapping[str, str]) -> str:

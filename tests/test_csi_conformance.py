@@ -434,3 +434,90 @@ def test_a_model_that_cannot_fit_is_resource_exhausted(tmp_path: Path) -> None:
     assert code == Code.RESOURCE_EXHAUSTED, msg
     assert "needs" in msg and "store budget 65536 bytes" in msg
     assert not (tmp_path / "kubelet" / "t").exists()
+
+
+# -- CreateVolume: an existing name and the capacity_range (spec v1.12, CreateVolume) ----------
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("required", "limit", "code"),
+    [
+        # The volume pvc-1 exists with 1 GiB (the first call asked for exactly that).
+        (GIB, 0, Code.OK),  # the same request: idempotent
+        (0, 0, Code.OK),  # no range: any volume is compatible
+        (GIB - 1, 0, Code.OK),  # 1 GiB is at least that
+        (0, GIB, Code.OK),  # and at most that
+        (GIB, GIB, Code.OK),  # exactly that
+        (1, 2 * GIB, Code.OK),  # within
+        (GIB + 1, 0, Code.ALREADY_EXISTS),  # larger than the volume that exists
+        (2 * GIB, 4 * GIB, Code.ALREADY_EXISTS),  # a range above it
+        (0, GIB - 1, Code.ALREADY_EXISTS),  # a limit below it
+        (1, GIB - 1, Code.ALREADY_EXISTS),  # a range below it
+    ],
+)
+def test_create_volume_capacity_compatibility(
+    tmp_path: Path, required: int, limit: int, code: Code
+) -> None:
+    async def main() -> tuple[Code, str, csi_pb2.Volume | None, csi_pb2.Volume]:
+        async with serving_controller(tmp_path) as c:
+            first = (await c.stub.CreateVolume(create())).volume
+            again = create()
+            again.capacity_range.required_bytes = required
+            again.capacity_range.limit_bytes = limit
+            try:
+                volume = (await c.stub.CreateVolume(again)).volume
+            except grpc.aio.AioRpcError as exc:
+                return exc.code(), exc.details() or "", None, first
+            return Code.OK, "", volume, first
+
+    got, msg, volume, first = asyncio.run(main())
+    assert got == code, msg
+    if code == Code.OK:
+        assert volume == first  # the corresponding response: the same volume, same capacity
+    else:
+        assert "pvc-1" in msg and str(GIB) in msg and "capacity_range" in msg
+
+
+def test_a_repeat_is_answered_with_the_volume_first_given(
+    tmp_path: Path, model: tuple[str, dict[str, bytes]]
+) -> None:
+    """The size lookup may succeed once and time out the next time: the repeat still gets the
+    volume the name was given, not a new capacity."""
+    ref, files = model
+    total = sum(map(len, files.values()))
+    sources = build_sources(make_config(tmp_path / "unused"))
+    answers: list[bool] = [True, False]
+
+    def size(r: ModelRef) -> int:
+        if answers.pop(0):
+            return sources.for_ref(r).resolve(r).total_bytes
+        raise SourceError("registry down", reason="network", retryable=True)
+
+    async def main() -> tuple[csi_pb2.Volume, csi_pb2.Volume, Code]:
+        async with serving_controller(tmp_path, size) as c:
+            request = create(model=ref)
+            request.capacity_range.required_bytes = 1
+            first = (await c.stub.CreateVolume(request)).volume
+            again = (await c.stub.CreateVolume(request)).volume
+            # A claim larger than the model, under a name that was given the model's size.
+            request.capacity_range.required_bytes = total + 1
+            code, _ = await _code(c.stub.CreateVolume(request))
+            return first, again, code
+
+    first, again, code = asyncio.run(main())
+    assert first.capacity_bytes == total and again == first
+    assert code == Code.ALREADY_EXISTS
+
+
+def test_create_volume_refuses_mutable_parameters(tmp_path: Path) -> None:
+    request = create()
+    request.mutable_parameters["verify"] = "full"
+
+    async def main() -> tuple[Code, str]:
+        async with serving_controller(tmp_path) as c:
+            return await _code(c.stub.CreateVolume(request))
+
+    code, msg = asyncio.run(main())
+    assert code == Code.INVALID_ARGUMENT and "MODIFY_VOLUME" in msg
