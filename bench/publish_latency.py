@@ -51,6 +51,7 @@ from weightcache.csi.server import start_server
 from weightcache.daemon.config import Config, CsiConfig, PolicyConfig, StoreConfig
 from weightcache.daemon.hashing import Fingerprint, StreamHasher
 from weightcache.daemon.plan import listing_digest
+from weightcache.daemon.repair import Repairer
 from weightcache.daemon.store.states import Access, ModelState, Trust
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.wiring import build_fetcher, build_policy
@@ -371,6 +372,7 @@ def main() -> int:
                 fetcher,
                 SystemMounter(),
                 build_policy(config, fetcher.sources),
+                Repairer(store, fetcher),
                 kubelet_dir=config.csi.kubelet_dir,
                 publish_wait_s=2.0,
             )

@@ -37,6 +37,7 @@ from weightcache.daemon.config import Config, ScrubConfig, StoreConfig
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.store.store import Store
+from weightcache.daemon.store.verify import Problem
 from weightcache.daemon.wiring import build_fetcher
 
 GIB = 1024**3
@@ -75,10 +76,10 @@ def warm_model(store: Store, config: Config, src: Path) -> str:
 
 def scrub(store: Store, bytes_per_s: int, name: str, note: str = "") -> Result:
     """One timed scrub pass from a dropped page cache; it must find nothing and repair nothing."""
-    repairs: list[str] = []
+    repairs: list[Problem] = []
     drop_caches()
     scrubber = Scrubber(
-        store, repairs.append, ScrubConfig(bytes_per_s=bytes_per_s), stop=threading.Event()
+        store, repairs.extend, ScrubConfig(bytes_per_s=bytes_per_s), stop=threading.Event()
     )
     started = time.perf_counter()
     result = scrubber.scrub_pass()

@@ -39,6 +39,7 @@ from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.policy import Policy
 from weightcache.daemon.references import Aliases
+from weightcache.daemon.repair import Repairer
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.states import ModelState, PinKind
 from weightcache.daemon.store.store import Store
@@ -56,6 +57,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         fetcher: Fetcher,
         mounter: Mounter,
         policy: Policy,
+        repairer: Repairer,
         *,
         kubelet_dir: Path,
         aliases: Aliases | None = None,
@@ -70,6 +72,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._fetcher = fetcher
         self._mounter = mounter
         self._policy = policy
+        self._repairer = repairer
         self._metrics = metrics or Metrics()
         self._wait = publish_wait_s
         self._locks: dict[str, asyncio.Lock] = {}
@@ -164,11 +167,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self._repair(attrs, row.digest)
             # The damage is the store's own words (a relative path and what differs); why a
             # repair failed may quote a source, so it is told in public words only.
-            damage = row.error.split("; repair failed: ")[0]
-            failure = self._fetcher.repair_failure(row.digest)
+            failure = self._repairer.failure(row.digest)
             repair = f"; repair failed: {public_message(failure)}" if failure else ""
             raise ModelCorrupt(
-                f"model {ref} ({row.digest}) failed a re-check: {damage}{repair}; "
+                f"model {ref} ({row.digest}) failed a re-check: {row.error}{repair}; "
                 "it is refused until it is repaired"
             )
         if attrs.fetch == "CachedOnly":
@@ -194,7 +196,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         """Start (or join) the repair of a corrupt model, unless the volume forbids fetching
         on demand."""
         if attrs.fetch == "IfNotCached":
-            self._fetcher.repair_async(digest)
+            self._repairer.repair(digest)
 
     def _publish(self, digest: str, target: Path, attrs: VolumeAttributes) -> None:
         mounted = str(target) in self._mounter.mounts()
@@ -219,7 +221,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self._metrics.verify_bytes.inc(check.bytes_hashed)
             self._metrics.verify_failures.inc(len(check.problems))
             if check.problems:
-                self._repair(attrs, digest)
+                self._repairer.damaged(check.problems, repair=attrs.fetch == "IfNotCached")
                 first = check.problems[0]
                 more = len(check.problems) - 1
                 raise ModelCorrupt(

@@ -17,6 +17,7 @@ from weightcache.daemon.config import Config
 from weightcache.daemon.errors import InvalidReference, WeightcacheError
 from weightcache.daemon.fetcher import Progress
 from weightcache.daemon.references import ModelRef, parse_reference
+from weightcache.daemon.repair import Repairer
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.states import ModelState, Trust
 from weightcache.daemon.store.store import Store
@@ -195,7 +196,10 @@ def verify(config: Config, full: bool, json_out: bool) -> int:
     store = Store(config.store)
     try:
         started = time.monotonic()
-        report = verify_store(store, full=full)
+        repairer = Repairer(store, None)  # quarantined and marked; the node agent repairs
+        report = verify_store(
+            store, full=full, damaged=lambda problems: repairer.damaged(problems, repair=False)
+        )
         secs = time.monotonic() - started
     finally:
         store.close()

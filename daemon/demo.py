@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,7 +132,9 @@ def _rot_scrub_repair(store: Store, fetcher: Fetcher, digest: str, files: dict[s
     import threading
 
     from weightcache.daemon.config import ScrubConfig
+    from weightcache.daemon.repair import Repairer
     from weightcache.daemon.scrubber import Scrubber
+    from weightcache.daemon.store.verify import Problem
 
     shard = sorted(p for p in files if p.endswith(".safetensors"))[1]
     path = store.model_path(digest) / shard
@@ -142,8 +145,12 @@ def _rot_scrub_repair(store: Store, fetcher: Fetcher, digest: str, files: dict[s
         f.seek(5 * 2**20)
         f.write(bytes([byte ^ 0xFF]))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    repairs: list[str] = []
-    scrubber = Scrubber(store, repairs.append, ScrubConfig(bytes_per_s=0), stop=threading.Event())
+    repairer = Repairer(store, fetcher)
+
+    def quarantine(problems: Sequence[Problem]) -> None:  # the repair is shown as step 8
+        repairer.damaged(problems, repair=False)
+
+    scrubber = Scrubber(store, quarantine, ScrubConfig(bytes_per_s=0), stop=threading.Event())
     result = scrubber.scrub_pass()
     found = sorted({(p.path, p.bad_chunks) for p in result.problems})
     corrupt = sum(1 for m in store.models() if m.state == "corrupt")
@@ -153,7 +160,7 @@ def _rot_scrub_repair(store: Store, fetcher: Fetcher, digest: str, files: dict[s
         f"is one blob shared by {corrupt} models, all now corrupt and refused to new mounts"
     )
     before = fetcher.repaired_bytes
-    row = fetcher.repair_async(digest).result()
+    row = repairer.repair(digest).result()
     fetched = fetcher.repaired_bytes - before
     healed = (store.model_path(digest) / shard).read_bytes() == files[shard]
     size = len(files[shard])
@@ -177,6 +184,7 @@ async def _mount(
     from weightcache.csi.mounter import SystemMounter
     from weightcache.csi.node import NodeService
     from weightcache.csi.server import start_node_server
+    from weightcache.daemon.repair import Repairer
     from weightcache.daemon.wiring import build_policy
 
     root = config.store.root.parent
@@ -187,6 +195,7 @@ async def _mount(
         fetcher,
         SystemMounter(),
         build_policy(config, fetcher.sources),
+        Repairer(store, fetcher),
         kubelet_dir=root / "kubelet",
         aliases=config.registry.aliases,
     )

@@ -64,6 +64,15 @@ class PolicyDenied(WeightcacheError):
     """The node's policy does not let this pod mount this model (namespace or credentials)."""
 
 
+class RepairFailed(WeightcacheError):
+    """A corrupt model could not be repaired from its source; ``reason`` is a short token (a
+    :class:`SourceError` reason, or the failure's kind)."""
+
+    def __init__(self, message: str, *, reason: str = "unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class QuotaExceeded(WeightcacheError):
     """A warm request over one of the node's quotas; the message names the limit."""
 
@@ -81,6 +90,8 @@ def public_message(exc: BaseException) -> str:
         return (
             f"the model's source failed: {exc.reason}{status}; details are in the node agent's log"
         )
+    if isinstance(exc, RepairFailed):
+        return f"the repair failed ({exc.reason}); details are in the node agent's log"
     if isinstance(exc, UnsupportedManifest):
         return (
             "the model's manifest is not one weightcache accepts; details are in the node "

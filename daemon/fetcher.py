@@ -106,10 +106,6 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-REPAIR_BACKOFF_S = 60.0
-"""How long a failed repair is answered from memory before the source is asked again."""
-
-
 def failure_reason(exc: BaseException) -> str:
     """A short stable label for a failed fetch."""
     if isinstance(exc, SourceError):
@@ -167,7 +163,6 @@ class Fetcher:
         self._inflight: dict[str, Future[ModelRow]] = {}
         self._progress: dict[str, Progress] = {}
         self._lock = threading.Lock()
-        self._repair_failures: dict[str, tuple[float, BaseException]] = {}
         self.repaired_bytes = 0
         """Bytes fetched to repair files by range (the rest of those files was kept)."""
 
@@ -190,19 +185,11 @@ class Fetcher:
         fetch already running, is joined without asking it."""
         return self._single_flight(str(ref), lambda: self._warm(ref, admit))
 
-    def repair_async(self, digest: str) -> Future[ModelRow]:
-        """Start (or join) the repair of a corrupt model: the same content, by digest, from the
-        source it came from. Files with a quarantined copy fetch only their damaged chunks.
-        If the source no longer serves that digest, the model stays corrupt, saying why, and
-        asking again within ``REPAIR_BACKOFF_S`` returns that failure instead of retrying (the
-        kubelet retries a refused publish every few seconds)."""
-        with self._lock:
-            failed = self._repair_failures.get(digest)
-        if failed is not None and time.monotonic() - failed[0] < REPAIR_BACKOFF_S:
-            done: Future[ModelRow] = Future()
-            done.set_exception(failed[1])
-            return done
-        return self._single_flight(f"repair {digest}", lambda: self._repair(digest))
+    def refetch_async(self, digest: str) -> Future[ModelRow]:
+        """Start (or join) a fetch of a held model's content again: by digest, from the source
+        it came from; files with a quarantined copy fetch only their damaged chunks. The
+        repairer (:mod:`weightcache.daemon.repair`) decides when, and records the outcome."""
+        return self._single_flight(f"refetch {digest}", lambda: self._refetch(digest))
 
     def _single_flight(self, key: str, work: Callable[[], ModelRow]) -> Future[ModelRow]:
         with self._lock:
@@ -214,12 +201,6 @@ class Fetcher:
         # Outside the lock: a fetch that already finished runs the callback right here.
         fut.add_done_callback(lambda done: self._forget(key, done))
         return fut
-
-    def repair_failure(self, digest: str) -> BaseException | None:
-        """Why the last repair of ``digest`` failed, while that is remembered."""
-        with self._lock:
-            failed = self._repair_failures.get(digest)
-        return failed[1] if failed is not None else None
 
     def progress(self, digest: str) -> Progress | None:
         return self._progress.get(digest)
@@ -253,7 +234,7 @@ class Fetcher:
             # Checked again under the lock: another process may have finished it meanwhile.
             return self._held(plan.digest) or self._fetch(plan)
 
-    def _repair(self, digest: str) -> ModelRow:
+    def _refetch(self, digest: str) -> ModelRow:
         row = self.store.model(digest)
         if row is None:
             raise NotCached(f"model {digest} is not in the store")
@@ -262,22 +243,15 @@ class Fetcher:
         ref = parse_reference(row.ref)
         if isinstance(ref, OciRef):
             ref = ref.with_digest(digest)  # the tag may have moved on; the bytes have not
-        try:
-            plan = self.resolve(ref)
-            if plan.digest != digest:
-                raise SourceError(
-                    f"{row.ref} now resolves to {plan.digest}, not {digest}: the source no "
-                    "longer holds this model's content",
-                    reason="changed",
-                )
-            with self.store.fetch_lock(digest):
-                return self._held(digest) or self._fetch(plan)
-        except WeightcacheError as exc:
-            damage = row.error.split("; repair failed: ")[0]
-            self.store.mark_corrupt(digest, f"{damage}; repair failed: {exc}")
-            with self._lock:
-                self._repair_failures[digest] = (time.monotonic(), exc)
-            raise
+        plan = self.resolve(ref)
+        if plan.digest != digest:
+            raise SourceError(
+                f"{row.ref} now resolves to {plan.digest}, not {digest}: the source no "
+                "longer holds this model's content",
+                reason="changed",
+            )
+        with self.store.fetch_lock(digest):
+            return self._held(digest) or self._fetch(plan)
 
     def _check_served_by(self, plan: ModelPlan) -> None:
         """A model already held, reached through a repository that never served it, is that
@@ -380,9 +354,6 @@ class Fetcher:
         restored = self.store.restore_complete()
         for other in restored:
             log.info("model %s restored: a blob it shares was fetched again", other)
-        with self._lock:  # whatever failed to repair before is whole now
-            for digest in (plan.digest, *restored):
-                self._repair_failures.pop(digest, None)
         row = self.store.model(plan.digest)
         assert row is not None
         took = time.monotonic() - progress.started

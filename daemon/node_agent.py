@@ -23,6 +23,7 @@ from weightcache.daemon.kube.client import KubeClient
 from weightcache.daemon.kube.events import NODE_EVENT_NAMESPACE, event_body
 from weightcache.daemon.kube.warm import WarmController
 from weightcache.daemon.metrics import Metrics
+from weightcache.daemon.repair import Repairer
 from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import Problem
@@ -52,12 +53,19 @@ async def run_node(
     store = await asyncio.to_thread(Store, config.store)
     metrics = Metrics()
     fetcher = build_fetcher(config, store, metrics=metrics)
+    client = KubeClient(kubeconfig, config.warm.request_timeout_s) if kube else None
+    repairer = Repairer(
+        store,
+        fetcher,
+        on_damage=_node_event_poster(client, node_id) if client is not None else None,
+    )
     node = NodeService(
         node_id,
         store,
         fetcher,
         SystemMounter(),
         build_policy(config, fetcher.sources),
+        repairer,
         kubelet_dir=config.csi.kubelet_dir,
         aliases=config.registry.aliases,
         metrics=metrics,
@@ -67,7 +75,6 @@ async def run_node(
     warm: WarmController | None = None
     background = threading.Event()
     try:
-        client = KubeClient(kubeconfig, config.warm.request_timeout_s) if kube else None
         if client is not None:
             warm = WarmController(
                 node_id,
@@ -83,12 +90,7 @@ async def run_node(
         scrubber = None
         if config.scrub.enabled:
             scrubber = Scrubber(
-                store,
-                fetcher.repair_async,
-                config.scrub,
-                stop=background,
-                on_damage=_node_event_poster(client, node_id) if client is not None else None,
-                metrics=metrics,
+                store, repairer.damaged, config.scrub, stop=background, metrics=metrics
             )
             scrubber.start()
         metrics.watch(

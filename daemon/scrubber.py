@@ -7,9 +7,10 @@ one recorded when the file was downloaded. The tree entries that name the blob g
 check too (a file replaced behind the store's back). Reads go through a token bucket of
 ``bytes_per_s`` so serving pods keep the disk.
 
-On a mismatch the file is quarantined, every model using it turns corrupt (new mounts refused,
-naming the file) and a repair starts: only the damaged chunks are fetched again where the source
-serves ranges. Existing mounts are left alone: unmounting under a running pod would break it,
+What it finds goes to the repairer (:mod:`weightcache.daemon.repair`): the file is
+quarantined, every model using it turns corrupt (new mounts refused, naming the file) and a
+repair starts: only the damaged chunks are fetched again where the source serves ranges.
+Existing mounts are left alone: unmounting under a running pod would break it,
 while removing the file from the tree already stops any new open of the bad bytes, and most
 inference servers have read their weights into GPU memory long before.
 """
@@ -23,7 +24,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -67,19 +68,19 @@ class Scrubber:
     def __init__(
         self,
         store: Store,
-        repair: Callable[[str], object],
+        damaged: Callable[[Sequence[Problem]], object],
         config: ScrubConfig,
         *,
         stop: threading.Event,
-        on_damage: Callable[[Problem], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
     ) -> None:
         self._store = store
-        self._repair = repair  # starts the repair of a model (Fetcher.repair_async)
+        """``damaged`` receives the problems found in one blob (the repairer's
+        :meth:`~weightcache.daemon.repair.Repairer.damaged`)."""
+        self._damaged = damaged
         self._config = config
         self._stop = stop
-        self._on_damage = on_damage
         self._clock = clock
         self._limiter = RateLimiter(config.bytes_per_s, stop, clock=clock)
         self.stats = ScrubStats()
@@ -158,12 +159,14 @@ class Scrubber:
                 )
                 if reason_fast is not None:
                     problems.append(Problem(model, path, blob.sha256, reason_fast))
-        for problem in problems:
-            self._damaged(problem)
-        # Repairs start once every user of the blob is quarantined: a repair that restored one
-        # model before the next was quarantined would have its fresh blob moved out again.
-        for model in dict.fromkeys(p.model for p in problems):
-            self._repair(model)
+        if problems:
+            self.stats.failures += len(problems)
+            self._metrics.verify_failures.inc(len(problems))
+            for problem in problems:
+                log.warning(
+                    "scrub: model %s file %s: %s", problem.model, problem.path, problem.reason
+                )
+            self._damaged(problems)  # every user of the blob at once
         return problems
 
     def _hash(self, blob: BlobRow) -> tuple[int, ...] | None:
@@ -219,22 +222,6 @@ class Scrubber:
         if checked < count:
             return None  # stopped part-way: no verdict
         return tuple(bad)
-
-    def _damaged(self, problem: Problem) -> None:
-        self.stats.failures += 1
-        self._metrics.verify_failures.inc()
-        log.warning(
-            "scrub: model %s file %s: %s; quarantined, repairing",
-            problem.model,
-            problem.path,
-            problem.reason,
-        )
-        self._store.quarantine(problem.model, problem.path, problem.sha256, problem.reason)
-        if self._on_damage is not None:
-            try:
-                self._on_damage(problem)
-            except Exception:
-                log.exception("reporting the damage failed")
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:

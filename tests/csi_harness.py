@@ -20,6 +20,7 @@ from weightcache.csi.node import NodeService
 from weightcache.csi.server import start_controller_server, start_node_server
 from weightcache.daemon.config import Config
 from weightcache.daemon.fetcher import Fetcher
+from weightcache.daemon.repair import Repairer
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.wiring import build_fetcher, build_policy
 from weightcache.proto import csi_pb2, csi_pb2_grpc
@@ -66,6 +67,7 @@ class NodeHarness:
     store: Store
     fetcher: Fetcher
     mounter: Mounter
+    repairer: Repairer
 
 
 @contextlib.asynccontextmanager
@@ -77,12 +79,14 @@ async def serving_node(
     mounter = mounter or SystemMounter()
     store = Store(config.store)
     fetcher = build_fetcher(config, store)
+    repairer = Repairer(store, fetcher)
     node = NodeService(
         "node-1",
         store,
         fetcher,
         mounter,
         build_policy(config, fetcher.sources),
+        repairer,
         kubelet_dir=config.csi.kubelet_dir,
         aliases=config.registry.aliases,
         publish_wait_s=wait_s,
@@ -98,6 +102,7 @@ async def serving_node(
                 store,
                 fetcher,
                 mounter,
+                repairer,
             )
     finally:
         await server.stop(grace=None)

@@ -196,7 +196,7 @@ def PRIVATE(ref: object, manifest: str) -> bool:
 
 CACHED = ModelRow(
     *("sha256:" + "1" * 64, "oci://r.example/team/m:v1", "oci", "ready"),
-    *(1, 1, 0.0, 0.0, 0.0, 1, 1, 0.0, "", "credentials", "digest"),
+    *(1, 1, 0.0, 0.0, 0.0, 1, 1, 0.0, "", "credentials", "digest", "", "", 0.0),
 )
 
 

@@ -16,6 +16,7 @@ from helpers import PART, Hold, make_config, models_dir_entries, read_tree, run_
 from weightcache.daemon.errors import InsufficientSpace
 from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.references import parse_reference
+from weightcache.daemon.repair import Repairer
 from weightcache.daemon.store.states import ModelState
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import verify_store
@@ -313,7 +314,10 @@ def test_warm_heals_a_corrupt_model(tmp_path: Path) -> None:
     store = Store(config.store)
     fetcher = build_fetcher(config, store)
     try:
-        report = verify_store(store, full=True)
+        repairer = Repairer(store, None)  # as `weightcache verify` does: quarantine, no repair
+        report = verify_store(
+            store, full=True, damaged=lambda problems: repairer.damaged(problems, repair=False)
+        )
         assert not report.ok and store.model(digest).state == ModelState.CORRUPT  # type: ignore[union-attr]
         row = fetcher.warm(parse_reference(f"file://{tmp_path / 'src'}"))
         assert row.state == ModelState.READY

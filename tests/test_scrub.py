@@ -9,7 +9,7 @@ import itertools
 import os
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -18,13 +18,15 @@ from csi_harness import NodeHarness, publish, serving_node
 from helpers import PART, make_config, read_tree
 
 from weightcache.daemon.config import ScrubConfig
+from weightcache.daemon.errors import RepairFailed
 from weightcache.daemon.kube.client import KubeClient
 from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.node_agent import _node_event_poster
 from weightcache.daemon.references import parse_reference
+from weightcache.daemon.repair import Repairer
 from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.store.states import ModelState
-from weightcache.daemon.store.verify import check_model
+from weightcache.daemon.store.verify import Problem, check_model
 from weightcache.testing.fake_kube import node, run_fake_kube
 from weightcache.testing.faultproxy import FaultProxy
 from weightcache.testing.models import ModelPublisher, sample_model, write_files
@@ -43,15 +45,22 @@ def _flip(path: Path, offset: int) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _scrubber(h: NodeHarness, repairs: list[str], **kw: object) -> Scrubber:
-    """A scrubber that records the repairs it asks for: the test starts them when it has
-    checked the state in between."""
+def _scrubber(
+    h: NodeHarness,
+    repairs: list[str],
+    repairer: Repairer | None = None,
+    metrics: Metrics | None = None,
+) -> Scrubber:
+    """A scrubber whose findings are quarantined by the repairer but not repaired: they are
+    recorded, and the test starts the repairs once it has checked the state in between."""
+    repairer = repairer or h.repairer
+
+    def damaged(problems: Sequence[Problem]) -> None:
+        repairer.damaged(problems, repair=False)
+        repairs.extend(p.model for p in problems)
+
     return Scrubber(
-        h.store,
-        repairs.append,
-        ScrubConfig(bytes_per_s=0),
-        stop=threading.Event(),
-        **kw,  # type: ignore[arg-type]
+        h.store, damaged, ScrubConfig(bytes_per_s=0), stop=threading.Event(), metrics=metrics
     )
 
 
@@ -104,7 +113,7 @@ def test_flipped_bytes_are_found_in_one_pass_refused_and_repaired_by_range(
             # Refused, naming the file, until repaired.
             msg = await _refused(h, ref, tmp_path / "kubelet" / "early")
             assert any(rel in msg for rel in victims)
-            healed = await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
+            healed = await asyncio.to_thread(lambda: h.repairer.repair(row.digest).result())
             assert healed.state == ModelState.READY
             assert read_tree(h.store.model_path(row.digest)) == files
             # Only the two damaged chunks crossed the network.
@@ -135,7 +144,7 @@ def test_a_truncated_file_fetches_only_its_tail(
             proxy.state.reset()
             result = await asyncio.to_thread(_scrubber(h, []).scrub_pass)
             assert [(p.path, p.bad_chunks) for p in result.problems] == [(victim, (2, 3))]
-            await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
+            await asyncio.to_thread(lambda: h.repairer.repair(row.digest).result())
             assert read_tree(h.store.model_path(row.digest)) == files
             assert proxy.state.blob_bytes_relayed == SHARD - 2 * PART
 
@@ -159,11 +168,11 @@ def test_replaced_and_deleted_files(tmp_path: Path) -> None:
             os.chmod(tree / Path(replaced).parent, 0o755)
             os.replace(impostor, tree / replaced)
             os.chmod(tree / Path(replaced).parent, 0o555)
-            fast = check_model(h.store, row.digest, full=False, quarantine=False)
+            fast = check_model(h.store, row.digest, full=False)
             assert [(p.path, p.reason) for p in fast.problems] == [
                 (replaced, "inode changed (file replaced)")
             ]
-            full = check_model(h.store, row.digest, full=True, quarantine=False)
+            full = check_model(h.store, row.digest, full=True)
             assert [p.path for p in full.problems] == [replaced]
             assert "content differs" in full.problems[0].reason
             # Both modes catch a replacement; only full (and the scrubber) catch rot in place.
@@ -176,7 +185,7 @@ def test_replaced_and_deleted_files(tmp_path: Path) -> None:
             )
             msg = await _refused(h, ref, tmp_path / "kubelet" / "t")
             assert replaced in msg or deleted in msg
-            healed = await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
+            healed = await asyncio.to_thread(lambda: h.repairer.repair(row.digest).result())
             assert healed.state == ModelState.READY and read_tree(tree) == files
             assert h.fetcher.repaired_bytes == 0  # the blobs were intact: relinked, not fetched
 
@@ -196,23 +205,26 @@ def test_a_source_that_is_gone_leaves_the_model_corrupt_with_the_reason(tmp_path
             os.rename(src, tmp_path / "moved-away")
             await asyncio.to_thread(_scrubber(h, []).scrub_pass)
             with pytest.raises(Exception) as exc:
-                await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
+                await asyncio.to_thread(lambda: h.repairer.repair(row.digest).result())
             after = h.store.model(row.digest)
             assert after is not None and after.state == ModelState.CORRUPT
-            assert victim in after.error and "repair failed" in after.error
-            assert str(exc.value) in after.error
+            # The damage and why the repair failed, as data.
+            assert victim in after.error and "content differs" in after.error
+            assert after.repair_error == str(exc.value) and after.repair_reason == "not_found"
             msg = await _refused(h, ref, tmp_path / "kubelet" / "t")
             assert "repair failed" in msg and victim in msg
             # Asked again at once (a kubelet retry): the failure is answered from memory.
-            again = h.fetcher.repair_async(row.digest)
-            assert again.done() and again.exception() is exc.value
+            again = h.repairer.repair(row.digest)
+            failure = again.exception()
+            assert again.done() and isinstance(failure, RepairFailed)
+            assert str(failure) == str(exc.value) and failure.reason == "not_found"
             # The source is back and the model is warmed whole: that memory is gone with it.
             os.rename(tmp_path / "moved-away", src)
             healed = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
             assert healed.state == ModelState.READY
             _flip(h.store.model_path(row.digest) / victim, 20)
             await asyncio.to_thread(_scrubber(h, []).scrub_pass)
-            repaired = await asyncio.to_thread(lambda: h.fetcher.repair_async(row.digest).result())
+            repaired = await asyncio.to_thread(lambda: h.repairer.repair(row.digest).result())
             assert repaired.state == ModelState.READY
 
     asyncio.run(main())
@@ -230,7 +242,8 @@ def test_damage_is_reported_as_an_event_on_the_node(tmp_path: Path) -> None:
             async with serving_node(tmp_path, make_config(tmp_path / "store")) as h:
                 row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
                 _flip(h.store.model_path(row.digest) / victim, PART + 7)
-                scrubber = _scrubber(h, [], on_damage=_node_event_poster(client, "gpu-1"))
+                poster = _node_event_poster(client, "gpu-1")
+                scrubber = _scrubber(h, [], Repairer(h.store, h.fetcher, on_damage=poster))
                 await asyncio.to_thread(scrubber.scrub_pass)
             client.close()
             (event,) = kube.objects("Event")
@@ -268,7 +281,7 @@ def test_a_stopped_scrub_passes_no_verdict(tmp_path: Path) -> None:
             assert not result.complete and result.files == 1
             assert scrubber.stats.passes == 0 and scrubber.stats.failures == 0
             # Nothing was recorded as verified: a remembered full check still hashes and finds it.
-            check = check_model(h.store, row.digest, full=True, remembered=True, quarantine=False)
+            check = check_model(h.store, row.digest, full=True, remembered=True)
             assert [p.path for p in check.problems] == [victim]
 
     asyncio.run(main())

@@ -38,7 +38,10 @@ CREATE TABLE IF NOT EXISTS models (
     rate        REAL NOT NULL DEFAULT 0,
     error       TEXT NOT NULL DEFAULT '',
     access      TEXT NOT NULL DEFAULT 'credentials',
-    trust       TEXT NOT NULL DEFAULT 'digest'
+    trust       TEXT NOT NULL DEFAULT 'digest',
+    repair_reason    TEXT NOT NULL DEFAULT '',
+    repair_error     TEXT NOT NULL DEFAULT '',
+    repair_failed_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS blobs (
     sha256      TEXT PRIMARY KEY,
@@ -102,6 +105,12 @@ class ModelRow:
     trust: str
     """``digest``: every file was checked against a digest the source announced (or hashed
     locally); ``first-fetch``: some file had none and was taken as first fetched."""
+    repair_reason: str
+    """Why the last repair failed (a short token), '' when none stands."""
+    repair_error: str
+    """The last repair failure in full (the operator's view)."""
+    repair_failed_at: float
+    """When it failed (epoch seconds), 0 when no failure stands."""
 
 
 @dataclass(frozen=True)
@@ -143,11 +152,16 @@ class Index:
             columns = {str(r[1]) for r in self._conn.execute("PRAGMA table_info(models)")}
             # A store written before these were recorded: nothing it holds is public, and
             # the checks it made are not known.
-            for name, default in (("access", "credentials"), ("trust", "first-fetch")):
+            added = (
+                ("access", "TEXT NOT NULL DEFAULT 'credentials'"),
+                ("trust", "TEXT NOT NULL DEFAULT 'first-fetch'"),
+                ("repair_reason", "TEXT NOT NULL DEFAULT ''"),
+                ("repair_error", "TEXT NOT NULL DEFAULT ''"),
+                ("repair_failed_at", "REAL NOT NULL DEFAULT 0"),
+            )
+            for name, definition in added:
                 if name not in columns:
-                    self._conn.execute(
-                        f"ALTER TABLE models ADD COLUMN {name} TEXT NOT NULL DEFAULT '{default}'"
-                    )
+                    self._conn.execute(f"ALTER TABLE models ADD COLUMN {name} {definition}")
             self._conn.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
@@ -344,8 +358,20 @@ class Index:
             ).fetchone()
             c.execute(
                 "UPDATE models SET state = ?, error = '', size = ?, files = ?, ready_at = ?,"
-                " bytes_done = bytes_total, rate = 0 WHERE digest = ?",
+                " bytes_done = bytes_total, rate = 0, repair_reason = '', repair_error = '',"
+                " repair_failed_at = 0 WHERE digest = ?",
                 (ModelState.READY, size, files, time.time(), digest),
+            )
+
+    def set_repair_failed(
+        self, digest: str, damage: str, reason: str, error: str, at: float
+    ) -> None:
+        """A repair failed: the model is corrupt again with its ``damage``, and why."""
+        with self.tx() as c:
+            c.execute(
+                "UPDATE models SET state = ?, error = ?, repair_reason = ?, repair_error = ?,"
+                " repair_failed_at = ? WHERE digest = ?",
+                (ModelState.CORRUPT, damage, reason, error, at, digest),
             )
 
     def mark_blob_missing(self, sha256: str, error: str) -> None:

@@ -449,9 +449,10 @@ class Store:
         )
         return copies[-1] if copies else None
 
-    def mark_corrupt(self, digest: str, error: str) -> None:
-        """Keep a model refused with the reason a repair could not happen."""
-        self.index.set_state(digest, ModelState.CORRUPT, error)
+    def repair_failed(self, digest: str, damage: str, reason: str, error: str, at: float) -> None:
+        """Record why a corrupt model could not be repaired: it stays corrupt with its
+        ``damage`` (what the check found); installing the model clears the record."""
+        self.index.set_repair_failed(digest, damage, reason, error, at)
 
     def holds_blob_for(self, digest: str, sha256: str) -> bool:
         """Whether ``digest``'s own records name this blob (it was fetched for this model)."""

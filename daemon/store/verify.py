@@ -1,13 +1,15 @@
 """Re-checking what the store holds: fast (size, mtime, inode) or full (xxh3 of every chunk).
 
-Checks the model trees, which is what pods see, against the blob records. A mismatch is
-quarantined and the model marked corrupt; nothing corrupt is left where a new mount could read it.
+Checks the model trees, which is what pods see, against the blob records, and return what they
+find: what to do about a problem (quarantine, mark, repair) is the repairer's
+(:mod:`weightcache.daemon.repair`), never a side effect of looking.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from weightcache.daemon.hashing import chunk_xxh3
@@ -65,10 +67,8 @@ class ModelCheck:
     problems: list[Problem] = field(default_factory=list)
 
 
-def check_model(
-    store: Store, digest: str, *, full: bool, remembered: bool = False, quarantine: bool = True
-) -> ModelCheck:
-    """Check every file of one model; quarantine what fails (the model becomes corrupt).
+def check_model(store: Store, digest: str, *, full: bool, remembered: bool = False) -> ModelCheck:
+    """Check every file of one model; return the problems found.
 
     With ``remembered``, a full check skips re-hashing files whose last full re-hash passed and
     whose metadata has not changed since (publish uses this; ``weightcache verify`` does not).
@@ -99,8 +99,6 @@ def check_model(
         if reason is None:
             continue
         check.problems.append(Problem(digest, rec.path, rec.sha256, reason, bad))
-        if quarantine:
-            store.quarantine(digest, rec.path, rec.sha256, reason)
     return check
 
 
@@ -136,23 +134,26 @@ def _shape_problem(st: os.stat_result | None, size: int) -> str | None:
     return None
 
 
-def verify_store(store: Store, *, full: bool, quarantine: bool = True) -> VerifyReport:
+def verify_store(
+    store: Store, *, full: bool, damaged: Callable[[Sequence[Problem]], object] | None = None
+) -> VerifyReport:
+    """Check every installed model; each model's problems go to ``damaged`` (the repairer)
+    before the next model is checked. ``corrupt_models`` is read afterwards."""
     report = VerifyReport(mode="full" if full else "fast")
     for row in store.models():
-        if row.state == ModelState.CORRUPT:
-            report.corrupt_models.append(row.digest)
         if row.state not in (ModelState.READY, ModelState.CORRUPT):
             continue
         report.models += 1
-        check = check_model(store, row.digest, full=full, quarantine=quarantine)
+        check = check_model(store, row.digest, full=full)
         report.files += check.files
         report.bytes_hashed += check.bytes_hashed
         report.problems += check.problems
-        after = store.model(row.digest)
-        if (
-            after is not None
-            and after.state == ModelState.CORRUPT
-            and row.digest not in report.corrupt_models
-        ):
-            report.corrupt_models.append(row.digest)
+        if check.problems and damaged is not None:
+            damaged(check.problems)
+    found = {p.model for p in report.problems}
+    report.corrupt_models = [
+        row.digest
+        for row in store.models()
+        if row.state == ModelState.CORRUPT or row.digest in found
+    ]
     return report
