@@ -25,13 +25,24 @@ class StoreConfig:
     root: Path = Path("/var/lib/weightcache")
     """The store directory on the node's NVMe."""
     budget_bytes: int = 0
-    """Byte budget for cached content; 0 means the filesystem's size."""
+    """Byte budget for cached content; 0 means the filesystem's size less the reserve."""
     high_watermark: float = 0.90
     """Start evicting when usage passes this fraction of the budget."""
     low_watermark: float = 0.80
     """Evict down to this fraction of the budget."""
     quarantine_bytes: int = 10 * 1024**3
     """How many bytes of quarantined files to keep for inspection (oldest dropped first)."""
+    reserve_fraction: float = 0.20
+    """Free space the store always leaves on its filesystem, as a fraction of the filesystem's
+    size: a fetch that would leave less is refused (after evicting what may be evicted), naming
+    the sizes. The kubelet's default hard eviction thresholds are nodefs.available<10% and
+    imagefs.available<15%, and image garbage collection starts above 85% used; on most nodes
+    all three watch the same filesystem, so 15% free is where DiskPressure begins and GPU pods
+    are evicted. 20% keeps 5 points of margin above it for logs, images and emptyDirs
+    (deploy/README.md has the arithmetic). A store on a disk of its own may lower it."""
+    reserve_bytes: int = 0
+    """A floor on the reserve in bytes (for a kubelet threshold written in bytes, e.g.
+    ``nodefs.available<100Gi``); the larger of the two applies."""
     partial_max_age_s: float = 24 * 3600.0
     """A partial download nobody has resumed (or written to) for this long is removed, when the
     store opens and by ``gc``: a fetch that failed for good must not hold disk forever."""
@@ -152,13 +163,23 @@ class CsiConfig:
     """Publish and unpublish act only on target paths under this directory."""
 
 
+PACED = -1
+"""``[scrub] bytes_per_s`` left to ``interval_s``."""
+
+
 @dataclass(frozen=True)
 class ScrubConfig:
     """The continuous re-check of everything the store holds (``weightcache node``)."""
 
     enabled: bool = True
-    bytes_per_s: int = 200 * 1024 * 1024
-    """Read rate of the scrubber; 0 means unlimited (as fast as the disk allows)."""
+    interval_s: float = 24 * 3600.0
+    """One full pass over everything held per this many seconds, at the lowest rate that meets
+    it: each pass reads at (bytes the pass will check) / interval_s, set again when a pass
+    starts, so the disk sees a trickle (2 TB held: 23 MB/s) rather than a stream. 0: no
+    pacing, as fast as the disk allows."""
+    bytes_per_s: int = PACED
+    """A fixed read rate instead of ``interval_s``'s; 0: as fast as the disk allows; -1 (the
+    default): paced by ``interval_s``."""
     idle_s: float = 60.0
     """Wait before the next pass when the store holds nothing to check."""
 
@@ -307,8 +328,10 @@ def validate(config: Config) -> None:
         raise ConfigError("[store] need 0 < low_watermark <= high_watermark <= 1")
     if s.partial_max_age_s < 0:
         raise ConfigError("[store] partial_max_age_s must not be negative")
-    if s.budget_bytes < 0 or s.quarantine_bytes < 0:
+    if s.budget_bytes < 0 or s.quarantine_bytes < 0 or s.reserve_bytes < 0:
         raise ConfigError("[store] byte sizes must not be negative")
+    if not 0 <= s.reserve_fraction < 1:
+        raise ConfigError("[store] reserve_fraction must be at least 0 and less than 1")
     if f.files_in_parallel < 1 or f.ranges_per_file < 1:
         raise ConfigError("[fetch] files_in_parallel and ranges_per_file must be at least 1")
     if f.part_bytes < 1024 * 1024 or f.part_bytes % 4096:
@@ -345,8 +368,13 @@ def validate(config: Config) -> None:
         raise ConfigError("[warm] idle_pin_s must not be negative")
     if not config.csi.kubelet_dir.is_absolute():
         raise ConfigError("[csi] kubelet_dir must be an absolute path")
-    if config.scrub.bytes_per_s < 0 or config.scrub.idle_s <= 0:
-        raise ConfigError("[scrub] bytes_per_s must not be negative; idle_s must be positive")
+    if config.scrub.bytes_per_s < PACED or config.scrub.idle_s <= 0:
+        raise ConfigError(
+            "[scrub] bytes_per_s must be -1 (paced by interval_s), 0 (unlimited) or a rate; "
+            "idle_s must be positive"
+        )
+    if config.scrub.interval_s < 0:
+        raise ConfigError("[scrub] interval_s must not be negative")
 
 
 def load_config(path: Path | None, **store_overrides: Any) -> Config:

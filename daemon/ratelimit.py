@@ -22,6 +22,16 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._next = clock()
 
+    @property
+    def rate(self) -> int:
+        """Bytes per second in force; 0: unlimited."""
+        return self._rate
+
+    def set_rate(self, bytes_per_s: int) -> None:
+        """Change the rate for what is consumed from now on (0: unlimited)."""
+        with self._lock:
+            self._rate = bytes_per_s
+
     def consume(self, n: int) -> None:
         """Wait until ``n`` more bytes fit under the rate (the stop event cuts the wait)."""
         if self._rate <= 0:

@@ -4,8 +4,10 @@ Each held blob that a ready model uses is read chunk by chunk (with O_DIRECT whe
 filesystem allows, so the scrub neither evicts the page cache that pods are reading from nor is
 fooled by a clean cached copy of a rotten disk block) and each chunk's xxh3 is compared with the
 one recorded when the file was downloaded. The tree entries that name the blob get the fast
-check too (a file replaced behind the store's back). Reads go through a token bucket of
-``bytes_per_s`` so serving pods keep the disk.
+check too (a file replaced behind the store's back). Reads go through a token bucket so
+serving pods keep the disk: by default at the lowest rate that completes a pass within
+``[scrub] interval_s`` (set at each pass's start from the bytes it will check), or at a fixed
+``bytes_per_s``.
 
 What it finds goes to the repairer (:mod:`weightcache.daemon.repair`): the file is
 quarantined, every model using it turns corrupt (new mounts refused, naming the file) and a
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import mmap
 import os
 import threading
@@ -28,7 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from weightcache.daemon.config import ScrubConfig
+from weightcache.daemon.config import PACED, ScrubConfig
 from weightcache.daemon.hashing import chunk_xxh3
 from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.ratelimit import RateLimiter
@@ -82,7 +85,7 @@ class Scrubber:
         self._config = config
         self._stop = stop
         self._clock = clock
-        self._limiter = RateLimiter(config.bytes_per_s, stop, clock=clock)
+        self._limiter = RateLimiter(max(config.bytes_per_s, 0), stop, clock=clock)
         self.stats = ScrubStats()
         self._reader = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="scrub-read")
         self._metrics = metrics or Metrics()
@@ -106,7 +109,10 @@ class Scrubber:
         """One pass over every held blob, least recently verified first."""
         result = ScrubPass()
         started = self._clock()
-        for sha, users in self._store.scrub_order():
+        order = self._store.scrub_order()
+        if self._config.bytes_per_s == PACED:
+            self._pace(order)
+        for sha, users in order:
             if self._stop.is_set():
                 result.complete = False
                 break
@@ -142,6 +148,30 @@ class Scrubber:
                     len(result.problems),
                 )
         return result
+
+    @property
+    def rate(self) -> int:
+        """The read rate in force, bytes per second; 0: unlimited."""
+        return self._limiter.rate
+
+    def _pace(self, order: list[tuple[str, list[tuple[str, str]]]]) -> None:
+        """The lowest rate that checks everything in ``order`` within ``[scrub] interval_s``."""
+        if self._config.interval_s <= 0:
+            self._limiter.set_rate(0)
+            return
+        total = 0
+        for sha, _ in order:
+            blob = self._store.blob_row(sha)
+            total += blob.size if blob is not None else 0
+        rate = max(1, math.ceil(total / self._config.interval_s))
+        self._limiter.set_rate(rate)
+        if total:
+            log.info(
+                "scrub pass of %d bytes at %d bytes/s: one pass per %.0fs",
+                total,
+                rate,
+                self._config.interval_s,
+            )
 
     def _check(self, blob: BlobRow, users: list[tuple[str, str]]) -> list[Problem]:
         problems = []

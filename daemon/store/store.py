@@ -49,10 +49,18 @@ class Usage:
     staging_bytes: int
     budget: int
     fs_free: int
+    reserve: int = 0
+    """Free space the store leaves on its filesystem (``[store] reserve_fraction``)."""
 
     @property
     def used(self) -> int:
         return self.blob_bytes + self.staging_bytes
+
+    @property
+    def room(self) -> int:
+        """Bytes that may still be written before the filesystem's free space reaches the
+        reserve."""
+        return max(0, self.fs_free - self.reserve)
 
 
 class Store:
@@ -338,33 +346,37 @@ class Store:
                 if entry.is_file():
                     staging_bytes += entry.stat().st_blocks * 512
         vfs = os.statvfs(self.layout.root)
-        budget = self.config.budget_bytes or vfs.f_blocks * vfs.f_frsize
-        return Usage(blob_bytes, staging_bytes, budget, vfs.f_bavail * vfs.f_frsize)
+        size = vfs.f_blocks * vfs.f_frsize
+        reserve = max(int(size * self.config.reserve_fraction), self.config.reserve_bytes)
+        budget = self.config.budget_bytes or max(0, size - reserve)
+        return Usage(blob_bytes, staging_bytes, budget, vfs.f_bavail * vfs.f_frsize, reserve)
 
     def make_room(self, needed: int, keep: str) -> list[str]:
         """Evict least-recently-used unpinned models until ``needed`` more bytes fit under the
-        low watermark; raise :class:`InsufficientSpace` naming the sizes when they cannot."""
+        low watermark and above the filesystem's reserve; raise :class:`InsufficientSpace`
+        naming the sizes when they cannot."""
         with self.locked():
             usage = self.usage()
             high = int(usage.budget * self.config.high_watermark)
             evicted: list[str] = []
-            if usage.used + needed <= high and needed <= usage.fs_free:
+            if usage.used + needed <= high and needed <= usage.room:
                 return evicted
             low = int(usage.budget * self.config.low_watermark)
             for row in sorted(self.index.models(), key=lambda r: r.last_used):
-                if usage.used + needed <= low and needed <= usage.fs_free:
+                if usage.used + needed <= low and needed <= usage.room:
                     break
                 if row.digest == keep or not self._evictable(row):
                     continue
                 self._evict(row.digest)
                 evicted.append(row.digest)
                 usage = self.usage()
-            if usage.used + needed > usage.budget or needed > usage.fs_free:
+            if usage.used + needed > usage.budget or needed > usage.room:
                 pinned = sum(r.size for r in self.index.models() if self.index.pins(r.digest))
                 raise InsufficientSpace(
                     f"model needs {needed} more bytes; store budget {usage.budget} bytes, "
                     f"{usage.used} in use ({pinned} pinned), {usage.fs_free} free on the "
-                    f"filesystem, after evicting {len(evicted)} unpinned model(s)"
+                    f"filesystem of which {usage.reserve} stay free (the reserve), after "
+                    f"evicting {len(evicted)} unpinned model(s)"
                 )
             return evicted
 
