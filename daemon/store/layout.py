@@ -11,16 +11,11 @@ quarantine/              files that failed a re-check
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
 import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-
-RENAME_EXCHANGE = 2
 
 
 @dataclass(frozen=True)
@@ -100,21 +95,3 @@ def seal_tree(path: Path) -> None:
     for dirpath, _, _ in os.walk(path, topdown=False):
         os.chmod(dirpath, 0o555)
         fsync_dir(Path(dirpath))
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False when unsupported."""
-    fn = getattr(_libc, "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd = -100
-    res = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE)
-    if res == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS):
-        return False
-    raise OSError(err, os.strerror(err), str(a))

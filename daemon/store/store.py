@@ -30,7 +30,6 @@ from weightcache.daemon.hashing import Fingerprint
 from weightcache.daemon.store.index import BlobRow, Index, ModelRow
 from weightcache.daemon.store.layout import (
     Layout,
-    exchange,
     fsync_dir,
     remove_tree,
     seal_tree,
@@ -257,7 +256,15 @@ class Store:
         return restored
 
     def _build_tree(self, digest: str) -> Path:
+        """Install the model's tree. A new tree is built in staging and renamed into place; an
+        existing one (a model being healed) is mended in place, never replaced: a pod's bind
+        mount holds that very directory, so a replacement would leave it looking at an empty
+        or vanished tree."""
         files = self.index.model_files(digest)
+        final = self.layout.model(digest)
+        if final.is_dir():
+            self._heal_tree(final, files)
+            return final
         tree = (
             self.layout.staging
             / f"tree-{digest.removeprefix('sha256:')[:16]}-{uuid.uuid4().hex[:8]}"
@@ -269,19 +276,56 @@ class Store:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.link(self.layout.blob(sha), dest)
             seal_tree(tree)
-            final = self.layout.model(digest)
-            if final.exists():
-                if not exchange(tree, final):
-                    remove_tree(final)
-                    os.rename(tree, final)
-                remove_tree(tree)  # after an exchange, the old tree
-            else:
-                os.rename(tree, final)
+            os.rename(tree, final)
             fsync_dir(self.layout.models)
             return final
         except BaseException:
             remove_tree(tree)
             raise
+
+    def _heal_tree(self, tree: Path, files: list[tuple[str, str]]) -> None:
+        """Bring an installed tree back to its records in place. An entry that is missing or
+        is not its blob's inode is replaced atomically (linked beside it, renamed over it), so
+        a reader sees the old name or the healed file, never a gap in what was intact; files
+        never damaged keep their inodes, and every open descriptor and mmap of them stays
+        good. Entries the model no longer names are removed."""
+        opened: dict[Path, None] = {}  # directories made writable, resealed afterwards
+
+        def writable(directory: Path) -> None:
+            chain = []
+            for d in (directory, *directory.parents):
+                chain.append(d)
+                if d == tree:
+                    break
+            for d in reversed(chain):
+                if not d.is_dir():
+                    d.mkdir(mode=0o755)
+                elif d not in opened:
+                    os.chmod(d, 0o755)
+                opened[d] = None
+
+        wanted = dict(files)
+        try:
+            for rel, sha in files:
+                dest = tree / rel
+                blob = self.layout.blob(sha)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(dest).st_ino == os.stat(blob).st_ino:
+                        continue
+                writable(dest.parent)
+                spare = dest.parent / f".wc-heal-{uuid.uuid4().hex[:8]}"
+                os.link(blob, spare)
+                os.replace(spare, dest)
+            for dirpath, _, filenames in os.walk(tree):
+                for name in filenames:
+                    path = Path(dirpath) / name
+                    if str(path.relative_to(tree)) not in wanted:
+                        writable(path.parent)
+                        path.unlink()
+        finally:
+            for d in sorted(opened, key=lambda p: len(p.parts), reverse=True):
+                os.chmod(d, 0o555)
+                fsync_dir(d)
 
     def fail(self, digest: str, error: str) -> None:
         row = self.index.model(digest)
