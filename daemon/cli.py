@@ -1,11 +1,18 @@
 """The ``weightcache`` command line: parse arguments once, then hand typed values to the commands.
 
-``--json`` prints one JSON document on stdout; human output and progress go to stderr.
+Tables and results go to stdout, progress, logs and errors to stderr; ``--json`` prints one
+JSON document on stdout. The store commands find the node's configuration without flags:
+``--config``, else ``$WEIGHTCACHE_CONFIG``, else ``/etc/weightcache/config.toml`` when it exists
+(the DaemonSet mounts it there and sets the variable, so ``kubectl exec ... weightcache gc``
+obeys the node's budget). No traceback reaches the user: an OSError is one line naming the path.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import sqlite3
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -19,14 +26,26 @@ if TYPE_CHECKING:
     from weightcache.daemon.config import Config
 
 DEFAULT_STORE = "/var/lib/weightcache"
+DEFAULT_CONFIG = "/etc/weightcache/config.toml"
+CONFIG_ENV = "WEIGHTCACHE_CONFIG"
 DEFAULT_CSI_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_METRICS_ADDRESS = "0.0.0.0:9808"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 Command = Callable[[argparse.Namespace], int]
+
+
+def config_path(flag: str | None) -> str | None:
+    """``--config``, else ``$WEIGHTCACHE_CONFIG``, else the default path when it exists."""
+    if flag:
+        return flag
+    if os.environ.get(CONFIG_ENV):
+        return os.environ[CONFIG_ENV]
+    return DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -34,8 +53,32 @@ def _config(args: argparse.Namespace) -> Config:
 
     from weightcache.daemon.config import load_config
 
-    config_file = getattr(args, "config", None)
-    return load_config(Path(config_file) if config_file else None, root=Path(args.store))
+    config_file = config_path(getattr(args, "config", None))
+    store = getattr(args, "store", None)
+    return load_config(
+        Path(config_file) if config_file else None, root=Path(store) if store else None
+    )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPE]i?|k)?B?\s*$")
+_UNITS = {"": 1, "k": 1000, "K": 1000}
+for _i, _u in enumerate("KMGTPE", start=1):
+    _UNITS[_u] = 1000**_i
+    _UNITS[_u + "i"] = 1024**_i
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``500Gi``, ``10G``, ``1.5Ti``, ``1048576`` (Kubernetes quantity suffixes:
+    ``Ki Mi Gi Ti Pi Ei`` are powers of 1024, ``k/K M G T P E`` of 1000; a trailing ``B`` is
+    allowed). Negative sizes are refused."""
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must not be negative")
+    match = _SIZE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (bytes, or a number with Ki, Mi, Gi, Ti or K, M, G, T)"
+        )
+    return int(float(match[1]) * _UNITS[match[2] or ""])
 
 
 def _warm(args: argparse.Namespace) -> int:
@@ -54,6 +97,12 @@ def _verify(args: argparse.Namespace) -> int:
     from weightcache.daemon import commands
 
     return commands.verify(_config(args), args.full, args.json)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from weightcache.daemon import commands
+
+    return commands.label(_config(args), args.refs, args.json)
 
 
 def _gc(args: argparse.Namespace) -> int:
@@ -112,8 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def store_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--store", default=DEFAULT_STORE, help="store directory (%(default)s)")
-        p.add_argument("--config", default=None, metavar="FILE", help="TOML configuration")
+        p.add_argument(
+            "--store",
+            default=None,
+            metavar="DIR",
+            help=f"store directory (default: [store] root of the configuration, {DEFAULT_STORE})",
+        )
+        p.add_argument(
+            "--config",
+            default=None,
+            metavar="FILE",
+            help=f"TOML configuration (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG} if present)",
+        )
 
     def json_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -137,7 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gc = sub.add_parser("gc", help="evict unpinned models down to a target size")
     store_arg(gc)
-    gc.add_argument("--target-bytes", type=int, default=None, metavar="N")
+    gc.add_argument(
+        "--target-bytes",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="evict down to this many bytes (500Gi, 10G, 1048576; default: the low watermark)",
+    )
     gc.set_defaults(run=_gc)
 
     node = sub.add_parser("node", help="run the node agent and the CSI Identity and Node services")
@@ -156,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=None, metavar="FILE", help="TOML configuration (registry access)"
     )
     controller.set_defaults(run=_controller)
+
+    label = sub.add_parser(
+        "label", help="the node label a warm reference sets, and the node affinity preferring it"
+    )
+    label.add_argument("refs", nargs="+", metavar="REF", help="oci://, s3:// or file:// reference")
+    label.add_argument(
+        "--config", default=None, metavar="FILE", help="TOML configuration (registry aliases)"
+    )
+    json_arg(label)
+    label.set_defaults(run=_label)
 
     demo = sub.add_parser("demo", help="the whole flow on this machine")
     demo.set_defaults(run=_demo)
@@ -178,6 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WeightcacheError as exc:
         print(f"weightcache {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"weightcache {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except sqlite3.Error as exc:
+        print(f"weightcache {args.command}: the store's index: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"weightcache {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def test_warm_json_and_ls(tmp_path: Path) -> None:
     assert Path(model["path"]).is_dir()
     ls = _cli("ls", "--store", str(store))
     assert ls.returncode == 0
-    assert model["digest"][:19] in ls.stderr and "ready" in ls.stderr
+    assert model["digest"][:19] in ls.stdout and "ready" in ls.stdout
 
 
 def test_warm_failure_exits_1_with_the_reason(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_ls_shows_progress_of_a_fetch_in_flight(
         assert model["state"] == "fetching"
         assert model["bytes_total"] == 4 * PART
         assert 0 < model["bytes_done"] <= 2 * PART
-        human = _cli("ls", "--store", str(store)).stderr
+        human = _cli("ls", "--store", str(store)).stdout
         assert "fetching" in human and "/4.0 MiB" in human
     finally:
         hold.release.set()
