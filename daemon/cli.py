@@ -13,12 +13,11 @@ import argparse
 import os
 import re
 import sqlite3
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from weightcache.daemon import __version__
+from weightcache.daemon import __version__, logs
 from weightcache.daemon.config import ConfigError
 from weightcache.daemon.errors import WeightcacheError
 
@@ -30,6 +29,7 @@ DEFAULT_CONFIG = "/etc/weightcache/config.toml"
 CONFIG_ENV = "WEIGHTCACHE_CONFIG"
 DEFAULT_CSI_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_METRICS_ADDRESS = "0.0.0.0:9808"
+DEFAULT_AGENT_ADDRESS = "127.0.0.1:9808"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -143,6 +143,12 @@ def _controller(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status(args: argparse.Namespace) -> int:
+    from weightcache.daemon.status import status
+
+    return status(_config(args).store, args.agent_address or None, args.json)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from weightcache.daemon.demo import run_demo
 
@@ -155,9 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Node-level model-weight cache: prefetch, verify and mount model weights.",
     )
     parser.add_argument("--version", action="version", version=f"weightcache {__version__}")
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
+    log_args(parser, argparse.SUPPRESS)  # also accepted after the command
+    parser.set_defaults(log_format="text", log_level="INFO")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def store_arg(p: argparse.ArgumentParser) -> None:
@@ -234,16 +239,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole flow on this machine")
     demo.set_defaults(run=_demo)
+
+    status = sub.add_parser("status", help="the node's whole picture for an operator")
+    store_arg(status)
+    json_arg(status)
+    status.add_argument(
+        "--agent-address",
+        default=DEFAULT_AGENT_ADDRESS,
+        metavar="HOST:PORT",
+        help="the node agent's metrics address, asked for its live status (%(default)s; "
+        "empty: do not ask)",
+    )
+    status.set_defaults(run=_status)
+    for command in sub.choices.values():
+        log_args(command, argparse.SUPPRESS)
     return parser
+
+
+def log_args(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--log-format", default=default, choices=logs.FORMATS)
+    parser.add_argument("--log-level", default=default, choices=logs.LEVELS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_format, args.log_level)
     run: Command = args.run
     try:
         return run(args)

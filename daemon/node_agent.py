@@ -18,13 +18,15 @@ from weightcache.csi.identity import IdentityService
 from weightcache.csi.mounter import SystemMounter
 from weightcache.csi.node import NodeService
 from weightcache.csi.server import start_node_server
+from weightcache.daemon import logs
 from weightcache.daemon.config import Config
 from weightcache.daemon.kube.client import KubeClient
 from weightcache.daemon.kube.events import NODE_EVENT_NAMESPACE, event_body
 from weightcache.daemon.kube.warm import WarmController
-from weightcache.daemon.metrics import Metrics
+from weightcache.daemon.metrics import Metrics, MetricsServer
 from weightcache.daemon.repair import Repairer
 from weightcache.daemon.scrubber import Scrubber
+from weightcache.daemon.status import AgentView
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import Problem
 from weightcache.daemon.wiring import build_fetcher, build_policy
@@ -51,7 +53,12 @@ async def run_node(
         loop.add_signal_handler(sig, stop.set)
     ready = False
     store = await asyncio.to_thread(Store, config.store)
+    names = logs.ModelNames(store.layout.index)  # digest and ref on every log line of a model
+    logs.use_model_names(names)
+    recent = logs.RecentErrors()
+    detach_recent = logs.attach(recent)
     metrics = Metrics()
+    http: MetricsServer | None = None
     fetcher = build_fetcher(config, store, metrics=metrics)
     client = KubeClient(kubeconfig, config.warm.request_timeout_s) if kube else None
     repairer = Repairer(
@@ -97,9 +104,12 @@ async def run_node(
             store,
             scrub=scrubber.stats if scrubber is not None else None,
             warm_requests=warm.request_states if warm is not None else None,
+            scrub_config=config.scrub,
         )
         if metrics_address:
-            metrics.serve(metrics_address)
+            scrub = scrubber.stats if scrubber is not None else None
+            agent = AgentView(node_id, lambda: ready, recent, scrub, warm)
+            http = metrics.serve(metrics_address, ready=lambda: ready, status=agent.report)
             log.info("metrics on http://%s/metrics", metrics_address)
         dropped = await asyncio.to_thread(node.reconcile)
         for target in dropped:
@@ -110,6 +120,11 @@ async def run_node(
         log.info("shutting down")
     finally:
         background.set()
+        if http is not None:
+            http.close()
+        detach_recent()
+        logs.use_model_names(None)
+        names.close()
         if warm is not None:
             await asyncio.to_thread(warm.stop)
         await server.stop(grace=SHUTDOWN_GRACE_S)

@@ -1,0 +1,356 @@
+"""``weightcache status``: the node's whole picture for an operator on call.
+
+Two halves, one document:
+
+- the **store**, read without changing it: use against the budget, the watermarks and the
+  filesystem's free space, models by state with fetch progress, pins by kind, how long ago the
+  least recently verified byte was checked, and the last re-check failures;
+- the **agent** (``weightcache node``), asked over HTTP on its metrics address (``/status``):
+  readiness, the scrubber's passes, the warm requests by state and its recent warnings and
+  errors. When no agent answers, the document says so and the store half still stands.
+
+A store directory that does not exist (or holds no index) is reported and nothing is created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from weightcache.daemon import __version__
+from weightcache.daemon.config import StoreConfig
+from weightcache.daemon.errors import WeightcacheError
+from weightcache.daemon.logs import RecentErrors
+from weightcache.daemon.store.index import Index, ModelRow
+from weightcache.daemon.store.layout import Layout
+from weightcache.daemon.store.states import BlobState, ModelState, PinKind
+
+EXIT_OK, EXIT_FAILED = 0, 1
+AGENT_TIMEOUT_S = 3.0
+FAILURES_SHOWN = 10
+ERRORS_SHOWN = 10
+
+
+class NoStore(WeightcacheError):
+    """The store directory does not exist or holds no index."""
+
+
+# -- the agent's half, served at /status ---------------------------------------------------------
+
+
+class ScrubView(Protocol):
+    passes: int
+    last_pass_seconds: float
+    last_pass_files: int
+    bytes_verified: int
+    failures: int
+
+
+class WarmView(Protocol):
+    last_error: str
+
+    def request_states(self) -> Mapping[str, int]: ...
+
+
+@dataclass
+class AgentView:
+    """What the running agent knows that the store does not: served as ``/status``."""
+
+    node: str
+    ready: Callable[[], bool]
+    recent: RecentErrors
+    scrub: ScrubView | None = None
+    warm: WarmView | None = None
+    started_at: float = field(default_factory=time.time)
+
+    def report(self) -> dict[str, Any]:
+        scrub, warm = self.scrub, self.warm
+        return {
+            "node": self.node,
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "ready": self.ready(),
+            "scrub": None
+            if scrub is None
+            else {
+                "passes": scrub.passes,
+                "last_pass_seconds": scrub.last_pass_seconds,
+                "last_pass_files": scrub.last_pass_files,
+                "bytes_verified": scrub.bytes_verified,
+                "failures": scrub.failures,
+            },
+            "warm": None
+            if warm is None
+            else {"requests": dict(warm.request_states()), "last_error": warm.last_error},
+            "recent_errors": self.recent.snapshot(),
+        }
+
+
+def ask_agent(address: str, timeout: float = AGENT_TIMEOUT_S) -> dict[str, Any] | str:
+    """The agent's ``/status`` at ``HOST:PORT``, or why it could not be had."""
+    host, _, port = address.rpartition(":")
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    url = f"http://{host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            doc = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"no agent answered at {url}: {getattr(exc, 'reason', exc)}"
+    if not isinstance(doc, dict):
+        return f"{url} answered something other than a status document"
+    return doc
+
+
+# -- the store's half, read only -----------------------------------------------------------------
+
+
+def read_store(config: StoreConfig, now: float | None = None) -> dict[str, Any]:
+    """The store at ``config.root`` as a document; raises :class:`NoStore` rather than create
+    anything."""
+    layout = Layout(config.root)
+    if not layout.root.is_dir():
+        raise NoStore(f"no store at {layout.root}: the directory does not exist")
+    if not layout.index.is_file():
+        raise NoStore(f"no store at {layout.root}: it holds no {layout.index.name}")
+    now = time.time() if now is None else now
+    index = Index(layout.index)
+    try:
+        return _store_doc(config, layout, index, now)
+    finally:
+        index.close()
+
+
+def _store_doc(config: StoreConfig, layout: Layout, index: Index, now: float) -> dict[str, Any]:
+    models = index.models()
+    pins = index.pins()
+    pins_by_model = Counter(model for model, _, _ in pins)
+    blob_bytes = index.scalar(
+        "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state != ?", (BlobState.MISSING,)
+    )
+    staging = _dir_bytes(layout.staging)
+    vfs = os.statvfs(layout.root)
+    fs_size = vfs.f_blocks * vfs.f_frsize
+    # As Store.usage() computes them, which needs a store opened for writing.
+    reserve = max(int(fs_size * config.reserve_fraction), config.reserve_bytes)
+    budget = config.budget_bytes or max(0, fs_size - reserve)
+    used = blob_bytes + staging
+    oldest = index.scalar(
+        "SELECT COALESCE(MIN(b.verified_at), 0) FROM blobs b"
+        " JOIN model_files f ON f.sha256 = b.sha256 JOIN models m ON m.digest = f.model"
+        " WHERE b.state = ? AND m.state = ?",
+        (BlobState.OK, ModelState.READY),
+    )
+    failures = [
+        {"sha256": str(sha), "at": float(str(at)), "mode": str(mode), "detail": str(detail)}
+        for sha, at, mode, detail in index.query(
+            "SELECT sha256, at, mode, detail FROM verifications WHERE ok = 0"
+            " ORDER BY at DESC LIMIT ?",
+            (FAILURES_SHOWN,),
+        )
+    ]
+    by_state = Counter(row.state for row in models)
+    return {
+        "root": str(layout.root),
+        "usage": {
+            "used_bytes": used,
+            "blob_bytes": blob_bytes,
+            "staging_bytes": staging,
+            "quarantine_bytes": _dir_bytes(layout.root / "quarantine"),
+            "budget_bytes": budget,
+            "high_watermark_bytes": int(budget * config.high_watermark),
+            "low_watermark_bytes": int(budget * config.low_watermark),
+            "reserve_bytes": reserve,
+            "fs_size_bytes": fs_size,
+            "fs_free_bytes": vfs.f_bavail * vfs.f_frsize,
+        },
+        "models_by_state": {state.value: by_state[state] for state in ModelState},
+        "models": [_model_doc(row, pins_by_model[row.digest]) for row in models],
+        "pins_by_kind": {kind.value: sum(1 for _, k, _ in pins if k == kind) for kind in PinKind},
+        "scrub": {
+            "oldest_verified_at": oldest or None,
+            "oldest_verified_age_s": max(now - oldest, 0.0) if oldest else None,
+            "recent_failures": failures,
+        },
+    }
+
+
+def _model_doc(row: ModelRow, pins: int) -> dict[str, Any]:
+    size = row.size or row.bytes_total
+    doc: dict[str, Any] = {
+        "digest": row.digest,
+        "ref": row.ref,
+        "state": row.state,
+        "size_bytes": size,
+        "files": row.files,
+        "pins": pins,
+        "last_used": row.last_used,
+        "error": row.error,
+    }
+    if row.state == ModelState.FETCHING:
+        doc["progress"] = {
+            "bytes_done": row.bytes_done,
+            "bytes_total": row.bytes_total,
+            "rate_bytes_per_s": row.rate,
+            "eta_s": (row.bytes_total - row.bytes_done) / row.rate if row.rate > 0 else None,
+        }
+    return doc
+
+
+def _dir_bytes(path: os.PathLike[str] | str) -> int:
+    total = 0
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        with contextlib.suppress(FileNotFoundError):
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def status(config: StoreConfig, agent_address: str | None, json_out: bool) -> int:
+    """Print the node's status: a table on stdout, or with ``json_out`` one JSON document.
+    Exit 1 when there is no store, anything is corrupt or failed, or the agent is not ready."""
+    try:
+        store = read_store(config)
+    except NoStore as exc:
+        if json_out:
+            print(json.dumps({"store": None, "error": str(exc)}, indent=2))
+        print(f"weightcache status: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    agent = ask_agent(agent_address) if agent_address else "not asked"
+    doc: dict[str, Any] = {
+        "store": store,
+        "agent": agent if isinstance(agent, dict) else None,
+        "agent_error": agent if isinstance(agent, str) else None,
+    }
+    doc["healthy"] = healthy(doc)
+    if json_out:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(render(doc), end="")
+    return EXIT_OK if doc["healthy"] else EXIT_FAILED
+
+
+def healthy(doc: Mapping[str, Any]) -> bool:
+    """No corrupt or failed model, and an agent that answered is ready."""
+    store = doc["store"]
+    bad = store["models_by_state"][ModelState.CORRUPT] + store["models_by_state"][ModelState.FAILED]
+    agent = doc.get("agent")
+    return bad == 0 and (agent is None or bool(agent.get("ready")))
+
+
+def render(doc: Mapping[str, Any], now: float | None = None) -> str:
+    """The document as an operator reads it."""
+    now = time.time() if now is None else now
+    store, agent = doc["store"], doc.get("agent")
+    u = store["usage"]
+    budget = u["budget_bytes"] or 1
+    lines = [f"store {store['root']}"]
+    lines.append(
+        f"  used      {_bytes(u['used_bytes'])} of {_bytes(u['budget_bytes'])} budget "
+        f"({100 * u['used_bytes'] / budget:.0f}%), high watermark "
+        f"{_bytes(u['high_watermark_bytes'])}, low {_bytes(u['low_watermark_bytes'])}"
+    )
+    lines.append(
+        f"  disk      {_bytes(u['fs_free_bytes'])} free of {_bytes(u['fs_size_bytes'])}, "
+        f"reserve {_bytes(u['reserve_bytes'])}"
+        + (" (INTO THE RESERVE)" if u["fs_free_bytes"] < u["reserve_bytes"] else "")
+        + "; "
+        + f"staging {_bytes(u['staging_bytes'])}, quarantine {_bytes(u['quarantine_bytes'])}"
+    )
+    states = ", ".join(f"{n} {s}" for s, n in store["models_by_state"].items())
+    pins = ", ".join(f"{n} {k}" for k, n in store["pins_by_kind"].items())
+    lines.append(f"  models    {states}")
+    lines.append(f"  pins      {pins}")
+    for m in store["models"]:
+        detail = ""
+        if "progress" in m:
+            p = m["progress"]
+            pct = 100 * p["bytes_done"] / p["bytes_total"] if p["bytes_total"] else 0.0
+            eta = f"{p['eta_s']:.0f}s" if p["eta_s"] is not None else "?"
+            detail = (
+                f" {_bytes(p['bytes_done'])}/{_bytes(p['bytes_total'])} {pct:.0f}% "
+                f"{_bytes(p['rate_bytes_per_s'])}/s ETA {eta}"
+            )
+        if m["error"]:
+            detail += f" error: {m['error'][:100]}"
+        lines.append(
+            f"    {m['digest'][:19]} {m['state']:8} {_bytes(m['size_bytes']):>10} "
+            f"pins {m['pins']}  {m['ref']}{detail}"
+        )
+    scrub = store["scrub"]
+    age = scrub["oldest_verified_age_s"]
+    lines.append(
+        "  verified  every byte held re-checked within the last "
+        + (_duration(age) if age is not None else "- (nothing held)")
+    )
+    for f in scrub["recent_failures"]:
+        lines.append(f"    {_ago(now, f['at'])} {f['mode']}: {f['detail'][:120]}")
+    if agent is None:
+        lines.append(f"agent     {doc.get('agent_error') or 'not asked'}")
+    else:
+        lines.append(
+            f"agent     node {agent['node']}, {'ready' if agent['ready'] else 'NOT READY'}, "
+            f"version {agent['version']}, up {_duration(now - agent['started_at'])}"
+        )
+        s = agent.get("scrub")
+        if s is None:
+            lines.append("  scrub     disabled")
+        else:
+            lines.append(
+                f"  scrub     {s['passes']} complete pass(es), last {s['last_pass_files']} files "
+                f"in {_duration(s['last_pass_seconds'])}; {_bytes(s['bytes_verified'])} verified, "
+                f"{s['failures']} finding(s) since start"
+            )
+        w = agent.get("warm")
+        if w is None:
+            lines.append("  warm      no warm controller (--no-kube)")
+        else:
+            requests = ", ".join(f"{n} {s}" for s, n in sorted(w["requests"].items())) or "none"
+            lines.append(f"  warm      requests: {requests}")
+            if w.get("last_error"):
+                lines.append(f"            last error: {w['last_error'][:120]}")
+        errors = agent.get("recent_errors") or []
+        lines.append(f"  errors    {len(errors)} recent warning(s) and error(s)")
+        for e in errors[-ERRORS_SHOWN:]:
+            lines.append(f"    {e['time']} {e['level']} {e['logger']}: {e['message'][:160]}")
+    return "\n".join(lines) + "\n"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _ago(now: float, at: float) -> str:
+    return f"{_duration(now - at)} ago"
