@@ -555,12 +555,50 @@ def test_every_object_validates_against_the_kubernetes_schemas() -> None:
     for path, doc in _objects():
         if doc.get("kind") == "Component":
             continue  # a kustomize component, not an API object
+        if str(doc.get("apiVersion", "")).startswith(f"{MONITORING_GROUP}/"):
+            continue  # Prometheus Operator CRDs: checked by shape below
         try:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{_rel(path)}: {doc.get('kind')} {_name(doc)}: {exc.message}")
         checked += 1
     assert checked >= 10
+
+
+MONITORING_GROUP = "monitoring.coreos.com"
+
+
+def test_monitoring_objects_scrape_the_node_agents_metrics_port() -> None:
+    _, daemonset = _one("DaemonSet", "weightcache-node")
+    path, _, container = _node()
+    pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    assert "metrics" in ports, f"{_rel(path)}: no container port named metrics"
+    service_path, service = _one("Service", "weightcache-node-metrics")
+    assert service["spec"].get("clusterIP") == "None", f"{_rel(service_path)}: not headless"
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["name"] == "metrics" and port["targetPort"] == "metrics"
+    kinds = {"PodMonitor": "podMetricsEndpoints", "ServiceMonitor": "endpoints"}
+    for kind, endpoints_key in kinds.items():
+        monitor_path, monitor = _one(kind, "weightcache-node")
+        where = _rel(monitor_path)
+        assert monitor["apiVersion"] == f"{MONITORING_GROUP}/v1", where
+        selected = pod_labels if kind == "PodMonitor" else service["metadata"]["labels"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= selected.items(), where
+        assert monitor["spec"]["namespaceSelector"]["matchNames"] == ["weightcache"], where
+        (endpoint,) = monitor["spec"][endpoints_key]
+        assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics", where
+        relabel = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+        assert relabel["node"] == ["__meta_kubernetes_pod_node_name"], where
+    rule_path, rule = _one("PrometheusRule", "weightcache")
+    assert rule["apiVersion"] == f"{MONITORING_GROUP}/v1", _rel(rule_path)
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts and all(r["expr"] and r["labels"]["severity"] for r in alerts)
+    # The agent logs JSON, and a rolling update waits for its own readiness.
+    assert _parse_cli(path, container).log_format == "json", f"{_rel(path)}: --log-format"
+    ready = container.get("readinessProbe", {}).get("httpGet", {})
+    assert ready.get("path") == "/readyz" and ready.get("port") == "metrics", _rel(path)
 
 
 def _admission_verdict(user: str, claim: str | None, old: Doc, new: Doc) -> str:
