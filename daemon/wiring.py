@@ -10,10 +10,11 @@ from weightcache.daemon.fetcher import Fetcher, ProgressCallback
 from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.policy import Policy
 from weightcache.daemon.sources import Sources
+from weightcache.daemon.sources.credentials import DockerConfigFile
 from weightcache.daemon.sources.local import LocalSource
 from weightcache.daemon.sources.oci import OciSource
 from weightcache.daemon.sources.oci_access import RegistryAccess
-from weightcache.daemon.sources.oci_http import RegistryHTTP, load_docker_config
+from weightcache.daemon.sources.oci_http import RegistryHTTP
 from weightcache.daemon.sources.provenance import LocalProvenance, OciProvenance
 from weightcache.daemon.sources.ranges import Limits
 from weightcache.daemon.sources.s3 import S3Source
@@ -35,7 +36,7 @@ def build_sources(config: Config) -> Sources:
     limits = Limits.of(config.fetch)
     http = RegistryHTTP(
         config.registry,
-        load_docker_config(config.registry.docker_config),
+        DockerConfigFile(config.registry.docker_config),
         config.fetch.timeout_s,
         limits=limits,
     )

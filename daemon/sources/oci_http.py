@@ -170,9 +170,11 @@ class RegistryHTTP:
         limits: Limits | None = None,
     ) -> None:
         """``pool_size`` is unused: connections are kept one per thread and host. ``limits``
-        defaults to the configuration's defaults with ``timeout_s``."""
+        defaults to the configuration's defaults with ``timeout_s``. ``credentials`` is read at
+        each use, so a mapping that follows its file (``credentials.DockerConfigFile``) hands
+        out rotated credentials without a restart."""
         self._config = config
-        self._credentials = dict(credentials)
+        self._credentials = credentials
         self._tokens: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         self._client = RangeClient(limits or Limits.default(timeout_s), tls_context(config.ca_file))
