@@ -174,6 +174,7 @@ def test_base_objects_are_in_the_weightcache_namespace() -> None:
         "ClusterRoleBinding",
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
+        "PriorityClass",
     }
     for path, doc in _objects():
         if path.parent != DEPLOY or doc["kind"] in cluster_scoped:
@@ -231,7 +232,7 @@ def test_node_store_and_config_are_mounted() -> None:
     assert config, f"{_rel(path)}: --config {args.config} is not under a volume mount"
     source = _volume(path, spec, config["name"]).get("configMap", {})
     assert source.get("name") == "weightcache-config", f"{_rel(path)}: config volume source"
-    _one("ConfigMap", "weightcache-config")
+    _config_generator()
 
 
 def test_node_registrar_points_the_kubelet_at_the_agent_socket() -> None:
@@ -421,10 +422,20 @@ def test_every_image_is_pinned() -> None:
 # -- configuration ----------------------------------------------------------------------------
 
 
+def _config_generator() -> Doc:
+    kustomization = _load(DEPLOY / "kustomization.yaml")[0]
+    (generator,) = [
+        g
+        for g in kustomization.get("configMapGenerator", [])
+        if g.get("name") == "weightcache-config"
+    ]
+    return generator
+
+
 def _config_toml() -> tuple[Path, dict[str, Any]]:
-    path, doc = _one("ConfigMap", "weightcache-config")
-    text = doc.get("data", {}).get("config.toml")
-    assert text, f"{_rel(path)}: no config.toml key"
+    assert _config_generator()["files"] == ["config.toml"]
+    path = DEPLOY / "config.toml"
+    text = path.read_text()
     try:
         return path, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
