@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -521,3 +522,73 @@ def test_create_volume_refuses_mutable_parameters(tmp_path: Path) -> None:
 
     code, msg = asyncio.run(main())
     assert code == Code.INVALID_ARGUMENT and "MODIFY_VOLUME" in msg
+
+
+# -- further MUSTs of the spec (docs/csi.md) --------------------------------------------------
+
+
+def test_plugin_name_and_error_status_follow_the_spec(tmp_path: Path) -> None:
+    async def main() -> tuple[str, str, Any]:
+        async with serving_controller(tmp_path) as c:
+            info = await c.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await c.stub.DeleteVolume(csi_pb2.DeleteVolumeRequest())
+            return info.name, info.vendor_version, exc.value
+
+    name, version, error = asyncio.run(main())
+    # Domain name notation, at most 63 characters, alphanumeric at both ends.
+    assert len(name) <= 63 and re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?", name)
+    assert version
+    # A non-OK status: a canonical code, a human-readable message, no details.
+    assert error.code() == Code.INVALID_ARGUMENT and error.details()
+    assert all(key != "grpc-status-details-bin" for key, _ in error.trailing_metadata() or ())
+
+
+@pytest.mark.parametrize(("required", "limit"), [(-1, 0), (0, -1)])
+def test_a_negative_capacity_is_invalid(tmp_path: Path, required: int, limit: int) -> None:
+    request = create()
+    request.capacity_range.required_bytes = required
+    request.capacity_range.limit_bytes = limit
+
+    async def main() -> tuple[Code, str]:
+        async with serving_controller(tmp_path) as c:
+            return await _code(c.stub.CreateVolume(request))
+
+    code, msg = asyncio.run(main())
+    assert code == Code.INVALID_ARGUMENT and "negative" in msg
+
+
+def test_publish_accepts_long_target_paths(
+    tmp_path: Path, model: tuple[str, dict[str, bytes]]
+) -> None:
+    """The SP MUST accept a target_path of at least 128 bytes; the kubelet's are longer."""
+    ref, files = model
+    pod = "0123456789abcdef-" * 8
+    target = tmp_path / "kubelet" / "pods" / pod / "volumes" / "kubernetes.io~csi" / "m" / "mount"
+    assert len(str(target).encode()) > 200
+
+    async def main() -> bytes:
+        async with serving_node(tmp_path, make_config(tmp_path / "store")) as n:
+            await asyncio.to_thread(n.fetcher.warm, parse_reference(ref))
+            await n.stub.NodePublishVolume(publish(ref, target))
+            name = next(iter(files))
+            content = (target / name).read_bytes()
+            await n.stub.NodeUnpublishVolume(unpublish(target))
+            return content
+
+    assert asyncio.run(main()) == files[next(iter(files))]
+    assert not target.exists()
+
+
+def test_every_row_of_docs_csi_md_names_a_test_that_exists() -> None:
+    root = Path(__file__).resolve().parent
+    table = (root.parent / "docs" / "csi.md").read_text()
+    rows = [line for line in table.splitlines() if re.match(r"^\| \d+ \|", line)]
+    assert len(rows) >= 40
+    for row in rows:
+        named = re.findall(r"`((?:conf|test_[a-z_]+\.py)::(test_[a-z_0-9]+))`", row)
+        assert named, f"docs/csi.md row without a test: {row[:60]}"
+        for full, name in named:
+            module = "test_csi_conformance.py" if full.startswith("conf::") else full.split("::")[0]
+            source = (root / module).read_text()
+            assert re.search(rf"^(async )?def {name}\(", source, re.M), f"{full} does not exist"
