@@ -556,13 +556,12 @@ class Fetcher:
             if item.size % part:
                 partial.record_chunks([fp.chunk_digest(fp.chunk_count - 1)])
             partial.fsync()
-            # The log goes first: once the partial is renamed into blobs/, a second writer can
-            # create a new partial at the same name without waiting for our lock, and must not
-            # find (or lose) our log there. Verified (by the store, against the announced
-            # digest) and committed under the partial's lock, so a second writer waiting for
-            # it finds either the partial as it was or the committed blob, never a half-way.
-            partial.forget_log()
+            # Verified (by the store, against the announced digest) and committed under the
+            # partial's lock, so a second writer waiting for it finds either the partial as it
+            # was or the committed blob, never a half-way. The chunk log goes only once the
+            # blob is recorded: a crash before that resumes from the whole partial.
             ingest.commit(partial.path, fp, item.path, expected=item.sha256)
+            partial.forget_log()
         return fp.sha256
 
     def _repair_by_range(

@@ -78,9 +78,9 @@ class Scrubber:
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
     ) -> None:
-        self._store = store
         """``damaged`` receives the problems found in one blob (the repairer's
         :meth:`~weightcache.daemon.repair.Repairer.damaged`)."""
+        self._store = store
         self._damaged = damaged
         self._config = config
         self._stop = stop

@@ -96,6 +96,8 @@ class ProxyState:
     closing: threading.Event = field(default_factory=threading.Event)
     bytes_relayed: int = 0
     blob_bytes_relayed: int = 0
+    blob_bytes_by_path: dict[str, int] = field(default_factory=dict)
+    """The same, per blob path (``/v2/REPO/blobs/sha256:...``)."""
     """Body bytes of blob responses only (what a fetch of model content cost)."""
     requests: list[tuple[str, str, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -107,6 +109,7 @@ class ProxyState:
             self.seen_auth.clear()
             self.bytes_relayed = 0
             self.blob_bytes_relayed = 0
+            self.blob_bytes_by_path.clear()
             self.requests.clear()
 
 
@@ -237,6 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.state.bytes_relayed += n
             if "/blobs/" in self.path:
                 self.state.blob_bytes_relayed += n
+                path = urlsplit(self.path).path
+                self.state.blob_bytes_by_path[path] = self.state.blob_bytes_by_path.get(path, 0) + n
 
     def _forward(self, rule: Rule | None) -> None:
         st = self.state

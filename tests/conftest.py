@@ -80,3 +80,9 @@ def fetcher(config: Config) -> Iterator[Fetcher]:
     yield f
     f.close()
     f.store.close()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("weightcache reliability (tests/reliability)")
+    group.addoption("--kills", type=int, default=10, help="SIGKILLs of a fetch (full run: 100)")
+    group.addoption("--flips", type=int, default=20, help="byte flips in the store (full: 100)")

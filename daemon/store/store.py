@@ -150,9 +150,10 @@ class Store:
             elif name.endswith(".part"):
                 with contextlib.suppress(FileNotFoundError):
                     st = entry.stat()
-                    if st.st_mtime < horizon and _remove_if_unlocked(
-                        entry, entry, entry.with_suffix(".chunks")
-                    ):
+                    # A second link means the partial was committed as a blob and a crash
+                    # came before its staged name went: nothing is left to resume.
+                    stale = st.st_mtime < horizon or st.st_nlink > 1
+                    if stale and _remove_if_unlocked(entry, entry, entry.with_suffix(".chunks")):
                         log.info("removed a partial download nobody resumed: %s", name)
                         freed += st.st_blocks * 512
             elif name.endswith(".chunks") and not entry.with_suffix(".part").exists():
@@ -194,9 +195,7 @@ class Store:
         and record that ``model`` holds it at ``path``."""
         target = self.layout.blob(fp.sha256)
         target.parent.mkdir(exist_ok=True)
-        if self.has_blob(fp.sha256):
-            staged.unlink(missing_ok=True)
-        else:
+        if not self.has_blob(fp.sha256):
             os.chmod(staged, 0o444)
             try:
                 # link, never replace: a blob another thread committed first keeps its inode,
@@ -205,10 +204,13 @@ class Store:
             except FileExistsError:
                 if not self.has_blob(fp.sha256):
                     os.replace(staged, target)  # an untrusted leftover, not a committed blob
-            staged.unlink(missing_ok=True)
             fsync_dir(target.parent)
         st = os.stat(target)
         self.index.record_blob(fp, st.st_ino, st.st_mtime_ns, model, path)
+        # Last: until the index knows the blob, a crash finds the staged file (and its chunk
+        # log) where it was and resumes from it; a blob the index does not know is removed
+        # when the store opens.
+        staged.unlink(missing_ok=True)
 
     def link_blob(self, model: str, path: str, sha256: str) -> None:
         """Record that ``model`` holds an already stored blob at ``path``."""
