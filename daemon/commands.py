@@ -29,17 +29,10 @@ from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.states import ModelState, Trust
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import verify_store
+from weightcache.daemon.units import human_bytes
 from weightcache.daemon.wiring import build_fetcher
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class NoStore(WeightcacheError):

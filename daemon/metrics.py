@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector
 from weightcache.daemon import __version__
 from weightcache.daemon.config import PACED, ScrubConfig
 from weightcache.daemon.errors import WeightcacheError
+from weightcache.daemon.store.layout import dir_bytes
 from weightcache.daemon.store.states import ModelState, PinKind
 from weightcache.daemon.store.store import Store
 
@@ -256,7 +257,7 @@ class _StateCollector(Collector):
             bytes_by_state[row.state] += row.size or row.bytes_total
         usage = store.usage()
         bytes_by_state["staging"] = usage.staging_bytes
-        bytes_by_state["quarantine"] = _dir_bytes(store.layout.quarantine)
+        bytes_by_state["quarantine"] = dir_bytes(store.layout.quarantine)
         stored = GaugeMetricFamily(
             "weightcache_store_bytes", "Bytes in the store by state", labels=["state"]
         )
@@ -384,17 +385,3 @@ def _oldest_verification(store: Store) -> float | None:
         if blob is not None:
             return min(blob.verified_at, time.time())
     return None
-
-
-def _dir_bytes(path: os.PathLike[str] | str) -> int:
-    total = 0
-    try:
-        entries = list(os.scandir(path))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
-        try:
-            total += entry.stat(follow_symlinks=False).st_blocks * 512
-        except FileNotFoundError:
-            continue
-    return total

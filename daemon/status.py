@@ -14,7 +14,6 @@ A store directory that does not exist (or holds no index) is reported and nothin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -31,8 +30,9 @@ from weightcache.daemon.config import StoreConfig
 from weightcache.daemon.errors import WeightcacheError
 from weightcache.daemon.logs import RecentErrors
 from weightcache.daemon.store.index import Index, ModelRow
-from weightcache.daemon.store.layout import Layout
+from weightcache.daemon.store.layout import Layout, dir_bytes
 from weightcache.daemon.store.states import BlobState, ModelState, PinKind
+from weightcache.daemon.units import human_bytes
 
 EXIT_OK, EXIT_FAILED = 0, 1
 AGENT_TIMEOUT_S = 3.0
@@ -138,7 +138,7 @@ def _store_doc(config: StoreConfig, layout: Layout, index: Index, now: float) ->
     blob_bytes = index.scalar(
         "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state != ?", (BlobState.MISSING,)
     )
-    staging = _dir_bytes(layout.staging)
+    staging = dir_bytes(layout.staging)
     vfs = os.statvfs(layout.root)
     fs_size = vfs.f_blocks * vfs.f_frsize
     # As Store.usage() computes them, which needs a store opened for writing.
@@ -166,7 +166,7 @@ def _store_doc(config: StoreConfig, layout: Layout, index: Index, now: float) ->
             "used_bytes": used,
             "blob_bytes": blob_bytes,
             "staging_bytes": staging,
-            "quarantine_bytes": _dir_bytes(layout.root / "quarantine"),
+            "quarantine_bytes": dir_bytes(layout.root / "quarantine"),
             "budget_bytes": budget,
             "high_watermark_bytes": int(budget * config.high_watermark),
             "low_watermark_bytes": int(budget * config.low_watermark),
@@ -205,19 +205,6 @@ def _model_doc(row: ModelRow, pins: int) -> dict[str, Any]:
             "eta_s": (row.bytes_total - row.bytes_done) / row.rate if row.rate > 0 else None,
         }
     return doc
-
-
-def _dir_bytes(path: os.PathLike[str] | str) -> int:
-    total = 0
-    try:
-        entries = list(os.scandir(path))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
-        with contextlib.suppress(FileNotFoundError):
-            if entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_blocks * 512
-    return total
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -263,16 +250,17 @@ def render(doc: Mapping[str, Any], now: float | None = None) -> str:
     budget = u["budget_bytes"] or 1
     lines = [f"store {store['root']}"]
     lines.append(
-        f"  used      {_bytes(u['used_bytes'])} of {_bytes(u['budget_bytes'])} budget "
+        f"  used      {human_bytes(u['used_bytes'])} of {human_bytes(u['budget_bytes'])} budget "
         f"({100 * u['used_bytes'] / budget:.0f}%), high watermark "
-        f"{_bytes(u['high_watermark_bytes'])}, low {_bytes(u['low_watermark_bytes'])}"
+        f"{human_bytes(u['high_watermark_bytes'])}, low {human_bytes(u['low_watermark_bytes'])}"
     )
     lines.append(
-        f"  disk      {_bytes(u['fs_free_bytes'])} free of {_bytes(u['fs_size_bytes'])}, "
-        f"reserve {_bytes(u['reserve_bytes'])}"
+        f"  disk      {human_bytes(u['fs_free_bytes'])} free of {human_bytes(u['fs_size_bytes'])}, "
+        f"reserve {human_bytes(u['reserve_bytes'])}"
         + (" (INTO THE RESERVE)" if u["fs_free_bytes"] < u["reserve_bytes"] else "")
         + "; "
-        + f"staging {_bytes(u['staging_bytes'])}, quarantine {_bytes(u['quarantine_bytes'])}"
+        + f"staging {human_bytes(u['staging_bytes'])}, "
+        + f"quarantine {human_bytes(u['quarantine_bytes'])}"
     )
     states = ", ".join(f"{n} {s}" for s, n in store["models_by_state"].items())
     pins = ", ".join(f"{n} {k}" for k, n in store["pins_by_kind"].items())
@@ -285,13 +273,13 @@ def render(doc: Mapping[str, Any], now: float | None = None) -> str:
             pct = 100 * p["bytes_done"] / p["bytes_total"] if p["bytes_total"] else 0.0
             eta = f"{p['eta_s']:.0f}s" if p["eta_s"] is not None else "?"
             detail = (
-                f" {_bytes(p['bytes_done'])}/{_bytes(p['bytes_total'])} {pct:.0f}% "
-                f"{_bytes(p['rate_bytes_per_s'])}/s ETA {eta}"
+                f" {human_bytes(p['bytes_done'])}/{human_bytes(p['bytes_total'])} {pct:.0f}% "
+                f"{human_bytes(p['rate_bytes_per_s'])}/s ETA {eta}"
             )
         if m["error"]:
             detail += f" error: {m['error'][:100]}"
         lines.append(
-            f"    {m['digest'][:19]} {m['state']:8} {_bytes(m['size_bytes']):>10} "
+            f"    {m['digest'][:19]} {m['state']:8} {human_bytes(m['size_bytes']):>10} "
             f"pins {m['pins']}  {m['ref']}{detail}"
         )
     scrub = store["scrub"]
@@ -315,7 +303,8 @@ def render(doc: Mapping[str, Any], now: float | None = None) -> str:
         else:
             lines.append(
                 f"  scrub     {s['passes']} complete pass(es), last {s['last_pass_files']} files "
-                f"in {_duration(s['last_pass_seconds'])}; {_bytes(s['bytes_verified'])} verified, "
+                f"in {_duration(s['last_pass_seconds'])}; "
+                f"{human_bytes(s['bytes_verified'])} verified, "
                 f"{s['failures']} finding(s) since start"
             )
         w = agent.get("warm")
@@ -331,14 +320,6 @@ def render(doc: Mapping[str, Any], now: float | None = None) -> str:
         for e in errors[-ERRORS_SHOWN:]:
             lines.append(f"    {e['time']} {e['level']} {e['logger']}: {e['message'][:160]}")
     return "\n".join(lines) + "\n"
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
 
 
 def _duration(seconds: float) -> str:

@@ -133,3 +133,15 @@ def report(config: pytest.Config, section: str, line: str) -> None:
         plugin = _Summary()
         config.pluginmanager.register(plugin, "weightcache-summary")
     plugin.sections.setdefault(section, []).append(line)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Bit rot: one byte changes; inode, size and mtime do not."""
+    st = os.stat(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        byte = os.pread(fd, 1, offset)[0]
+        os.pwrite(fd, bytes([byte ^ 0x5A]), offset)
+    finally:
+        os.close(fd)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from helpers import report as summary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -334,23 +335,8 @@ def _shape(plan: ModelPlan) -> tuple[str, list[tuple[str, str]]]:
     ]
 
 
-class _Summary:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        terminalreporter.section("generated hostile manifests")
-        for line in self.lines:
-            terminalreporter.write_line(line)
-
-
 def report(config: pytest.Config, line: str) -> None:
-    """Add a line to the terminal summary, shown with or without ``-s``."""
-    plugin = config.pluginmanager.get_plugin("weightcache-manifest-summary")
-    if plugin is None:
-        plugin = _Summary()
-        config.pluginmanager.register(plugin, "weightcache-manifest-summary")
-    plugin.lines.append(line)
+    summary(config, "generated hostile manifests", line)
 
 
 # -- the tests ----------------------------------------------------------------------------------

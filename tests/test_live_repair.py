@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from csi_harness import publish, serving_node
-from helpers import PART, make_config, read_tree
+from helpers import PART, flip_byte, make_config, read_tree
 
 from weightcache.daemon.config import ScrubConfig
 from weightcache.daemon.references import parse_reference
@@ -25,17 +25,6 @@ def _hold(path: Path) -> tuple[BinaryIO, mmap.mmap]:
     """An open file and an mmap of it, as an inference server keeps its weights."""
     held = open(path, "rb")  # noqa: SIM115 - kept open across the repair by the caller
     return held, mmap.mmap(held.fileno(), 0, prot=mmap.PROT_READ)
-
-
-def _flip(path: Path, offset: int) -> None:
-    """Bit rot: one byte inverted, size, inode and mtime kept."""
-    st = os.stat(path)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 0xFF]))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def test_a_repair_heals_the_tree_a_running_pod_has_mounted(tmp_path: Path) -> None:
@@ -54,7 +43,7 @@ def test_a_repair_heals_the_tree_a_running_pod_has_mounted(tmp_path: Path) -> No
             held, mapped = _hold(target / intact)
             first = held.read(PART)
             # Bit rot in another shard (size, inode and mtime kept), found by one scrub pass.
-            _flip(h.store.model_path(row.digest) / victim, PART + 3)
+            flip_byte(h.store.model_path(row.digest) / victim, PART + 3)
             scrubber = Scrubber(
                 h.store,
                 lambda problems: h.repairer.damaged(problems, repair=False),

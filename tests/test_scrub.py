@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from csi_harness import NodeHarness, publish, serving_node
-from helpers import PART, make_config, read_tree
+from helpers import PART, flip_byte, make_config, read_tree
 
 from weightcache.daemon.config import ScrubConfig
 from weightcache.daemon.errors import RepairFailed
@@ -32,17 +32,6 @@ from weightcache.testing.faultproxy import FaultProxy
 from weightcache.testing.models import ModelPublisher, sample_model, write_files
 
 SHARD = 3 * PART + 1000  # four chunks, the last one short
-
-
-def _flip(path: Path, offset: int) -> None:
-    """Bit rot: one byte changes; inode, size and mtime do not."""
-    st = os.stat(path)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 0x5A]))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _scrubber(
@@ -94,7 +83,7 @@ def test_flipped_bytes_are_found_in_one_pass_refused_and_repaired_by_range(
             row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
             tree = h.store.model_path(row.digest)
             for rel, offset in victims.items():
-                _flip(tree / rel, offset)
+                flip_byte(tree / rel, offset)
             proxy.state.reset()
             repairs: list[str] = []
             metrics = Metrics()
@@ -201,7 +190,7 @@ def test_a_source_that_is_gone_leaves_the_model_corrupt_with_the_reason(tmp_path
     async def main() -> None:
         async with serving_node(tmp_path, make_config(tmp_path / "store")) as h:
             row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
-            _flip(h.store.model_path(row.digest) / victim, 10)
+            flip_byte(h.store.model_path(row.digest) / victim, 10)
             os.rename(src, tmp_path / "moved-away")
             await asyncio.to_thread(_scrubber(h, []).scrub_pass)
             with pytest.raises(Exception) as exc:
@@ -222,7 +211,7 @@ def test_a_source_that_is_gone_leaves_the_model_corrupt_with_the_reason(tmp_path
             os.rename(tmp_path / "moved-away", src)
             healed = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
             assert healed.state == ModelState.READY
-            _flip(h.store.model_path(row.digest) / victim, 20)
+            flip_byte(h.store.model_path(row.digest) / victim, 20)
             await asyncio.to_thread(_scrubber(h, []).scrub_pass)
             repaired = await asyncio.to_thread(lambda: h.repairer.repair(row.digest).result())
             assert repaired.state == ModelState.READY
@@ -241,7 +230,7 @@ def test_damage_is_reported_as_an_event_on_the_node(tmp_path: Path) -> None:
             client = KubeClient(str(kube.kubeconfig(tmp_path)), request_timeout_s=10)
             async with serving_node(tmp_path, make_config(tmp_path / "store")) as h:
                 row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
-                _flip(h.store.model_path(row.digest) / victim, PART + 7)
+                flip_byte(h.store.model_path(row.digest) / victim, PART + 7)
                 poster = _node_event_poster(client, "gpu-1")
                 scrubber = _scrubber(h, [], Repairer(h.store, h.fetcher, on_damage=poster))
                 await asyncio.to_thread(scrubber.scrub_pass)
@@ -263,7 +252,7 @@ def test_a_stopped_scrub_passes_no_verdict(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving_node(tmp_path, make_config(tmp_path / "store")) as h:
             row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
-            _flip(h.store.model_path(row.digest) / victim, 3 * PART + 5)  # the last chunk
+            flip_byte(h.store.model_path(row.digest) / victim, 3 * PART + 5)  # the last chunk
             stop = threading.Event()
             ticks = itertools.count()
 

@@ -24,6 +24,7 @@ from typing import IO, Literal
 
 import pytest
 from helpers import models_dir_entries, read_tree
+from helpers import report as summary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -447,22 +448,8 @@ class Tally:
         )
 
 
-class _Summary:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        terminalreporter.section("generated hostile inputs")
-        for line in self.lines:
-            terminalreporter.write_line(line)
-
-
 def report(config: pytest.Config, line: str) -> None:
-    plugin = config.pluginmanager.get_plugin("weightcache-generated-summary")
-    if plugin is None:
-        plugin = _Summary()
-        config.pluginmanager.register(plugin, "weightcache-generated-summary")
-    plugin.lines.append(line)
+    summary(config, "generated hostile inputs", line)
 
 
 # -- the tests ----------------------------------------------------------------------------------

@@ -95,3 +95,19 @@ def seal_tree(path: Path) -> None:
     for dirpath, _, _ in os.walk(path, topdown=False):
         os.chmod(dirpath, 0o555)
         fsync_dir(Path(dirpath))
+
+
+def dir_bytes(path: os.PathLike[str] | str) -> int:
+    """Disk blocks taken by the regular files directly in ``path`` (0 when it is gone)."""
+    total = 0
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+        except FileNotFoundError:
+            continue
+    return total

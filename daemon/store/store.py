@@ -30,6 +30,7 @@ from weightcache.daemon.hashing import Fingerprint
 from weightcache.daemon.store.index import BlobRow, Index, ModelRow
 from weightcache.daemon.store.layout import (
     Layout,
+    dir_bytes,
     fsync_dir,
     remove_tree,
     seal_tree,
@@ -386,11 +387,7 @@ class Store:
         blob_bytes = self.index.scalar(
             "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state != 'missing'"
         )
-        staging_bytes = 0
-        for entry in self.layout.staging.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                if entry.is_file():
-                    staging_bytes += entry.stat().st_blocks * 512
+        staging_bytes = dir_bytes(self.layout.staging)
         vfs = os.statvfs(self.layout.root)
         size = vfs.f_blocks * vfs.f_frsize
         reserve = max(int(size * self.config.reserve_fraction), self.config.reserve_bytes)

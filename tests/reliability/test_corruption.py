@@ -6,7 +6,6 @@ the mount sees after the scrub: only files that are correct or absent."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import threading
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from csi_harness import publish, serving_node, unpublish
-from helpers import PART, make_config, read_tree, report
+from helpers import PART, flip_byte, make_config, read_tree, report
 
 from weightcache.daemon.config import ScrubConfig
 from weightcache.daemon.references import parse_reference
@@ -23,17 +22,6 @@ from weightcache.daemon.store.states import ModelState
 from weightcache.testing.models import write_files
 
 SECTION = "reliability"
-
-
-def _flip(path: Path, offset: int) -> None:
-    st = os.stat(path)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        byte = os.pread(fd, 1, offset)[0]
-        os.pwrite(fd, bytes([byte ^ 0xA5]), offset)
-    finally:
-        os.close(fd)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _seen(target: Path, files: dict[str, bytes]) -> tuple[int, int]:
@@ -65,7 +53,7 @@ def test_random_flips_are_found_refused_and_healed(
             damaged: set[str] = set()
             for _ in range(flips):
                 rel = rng.choice(sorted(files))
-                _flip(tree / rel, rng.randrange(len(files[rel])))
+                flip_byte(tree / rel, rng.randrange(len(files[rel])))
                 damaged.add(rel)
             scrubber = Scrubber(
                 h.store,
