@@ -140,7 +140,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         result = "error"
         try:
             async with self._serialized(target):
-                cached = self._store.cached_model(str(attrs.model))
+                # The index is SQLite: never read on the event loop.
+                cached = await asyncio.to_thread(self._store.cached_model, str(attrs.model))
                 await asyncio.to_thread(
                     self._policy.authorize, attrs.model, attrs.pod_namespace, secrets, cached
                 )
@@ -164,10 +165,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         ref = str(attrs.model)
         digest = row.digest if row is not None else None
         if row is not None and row.state == ModelState.CORRUPT:
-            self._repair(attrs, row.digest)
+            await asyncio.to_thread(self._repair, attrs, row.digest)
             # The damage is the store's own words (a relative path and what differs); why a
             # repair failed may quote a source, so it is told in public words only.
-            failure = self._repairer.failure(row.digest)
+            failure = await asyncio.to_thread(self._repairer.failure, row.digest)
             repair = f"; repair failed: {public_message(failure)}" if failure else ""
             raise ModelCorrupt(
                 f"model {ref} ({row.digest}) failed a re-check: {row.error}{repair}; "

@@ -73,6 +73,11 @@ class RepairFailed(WeightcacheError):
         self.reason = reason
 
 
+class AgentFailed(WeightcacheError):
+    """The node agent stopped because a background loop kept failing (the kubelet restarts
+    it)."""
+
+
 class QuotaExceeded(WeightcacheError):
     """A warm request over one of the node's quotas; the message names the limit."""
 

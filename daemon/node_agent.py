@@ -20,6 +20,7 @@ from weightcache.csi.node import NodeService
 from weightcache.csi.server import start_node_server
 from weightcache.daemon import logs
 from weightcache.daemon.config import Config
+from weightcache.daemon.errors import AgentFailed
 from weightcache.daemon.kube.client import KubeClient
 from weightcache.daemon.kube.events import NODE_EVENT_NAMESPACE, event_body
 from weightcache.daemon.kube.warm import WarmController
@@ -29,6 +30,7 @@ from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.status import AgentView
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import Problem
+from weightcache.daemon.threads import Supervisor
 from weightcache.daemon.wiring import build_fetcher, build_policy
 
 log = logging.getLogger(__name__)
@@ -47,11 +49,18 @@ async def run_node(
     """Serve until SIGTERM. With ``kube``, also run the warm controller against the API server
     named by ``kubeconfig`` (or the in-cluster service account when None). With
     ``metrics_address`` (HOST:PORT), serve Prometheus metrics there."""
+    # One stop signal for everything: SIGTERM, SIGINT, or a background loop past its bound.
+    stopping = threading.Event()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    ready = False
+    supervisor = Supervisor(stopping, on_fatal=lambda _: loop.call_soon_threadsafe(stop.set))
+    started = False
+
+    def ready() -> bool:
+        return started and supervisor.healthy()
+
     store = await asyncio.to_thread(Store, config.store)
     names = logs.ModelNames(store.layout.index)  # digest and ref on every log line of a model
     logs.use_model_names(names)
@@ -59,7 +68,7 @@ async def run_node(
     detach_recent = logs.attach(recent)
     metrics = Metrics()
     http: MetricsServer | None = None
-    fetcher = build_fetcher(config, store, metrics=metrics)
+    fetcher = build_fetcher(config, store, metrics=metrics, stop=stopping)
     client = KubeClient(kubeconfig, config.warm.request_timeout_s) if kube else None
     repairer = Repairer(
         store,
@@ -77,10 +86,9 @@ async def run_node(
         aliases=config.registry.aliases,
         metrics=metrics,
     )
-    identity = IdentityService(lambda: ready)
+    identity = IdentityService(ready)
     server = await start_node_server(endpoint, identity, node)
     warm: WarmController | None = None
-    background = threading.Event()
     try:
         if client is not None:
             warm = WarmController(
@@ -91,15 +99,16 @@ async def run_node(
                 config.warm,
                 node.policy,
                 aliases=config.registry.aliases,
+                stop=stopping,
             )
-            warm.start()
+            warm.start(supervisor.start)
             log.info("warm controller watching workloads for node %s", node_id)
         scrubber = None
         if config.scrub.enabled:
             scrubber = Scrubber(
-                store, repairer.damaged, config.scrub, stop=background, metrics=metrics
+                store, repairer.damaged, config.scrub, stop=stopping, metrics=metrics
             )
-            scrubber.start()
+            scrubber.start(supervisor.start)
         metrics.watch(
             store,
             scrub=scrubber.stats if scrubber is not None else None,
@@ -108,18 +117,18 @@ async def run_node(
         )
         if metrics_address:
             scrub = scrubber.stats if scrubber is not None else None
-            agent = AgentView(node_id, lambda: ready, recent, scrub, warm)
-            http = metrics.serve(metrics_address, ready=lambda: ready, status=agent.report)
+            agent = AgentView(node_id, ready, recent, scrub, warm)
+            http = metrics.serve(metrics_address, ready=ready, status=agent.report)
             log.info("metrics on http://%s/metrics", metrics_address)
         dropped = await asyncio.to_thread(node.reconcile)
         for target in dropped:
             log.info("dropped the pin of %s: its mount is gone", target)
-        ready = True
+        started = True
         log.info("node %s serving CSI on %s with store %s", node_id, endpoint, config.store.root)
         await stop.wait()
         log.info("shutting down")
     finally:
-        background.set()
+        stopping.set()
         if http is not None:
             http.close()
         detach_recent()
@@ -129,7 +138,14 @@ async def run_node(
             await asyncio.to_thread(warm.stop)
         await server.stop(grace=SHUTDOWN_GRACE_S)
         await asyncio.to_thread(fetcher.close)
+        left = await asyncio.to_thread(supervisor.join, SHUTDOWN_GRACE_S)
+        if left:  # daemon threads: they cannot keep the process alive
+            log.warning("background loops still running at exit: %s", ", ".join(left))
         store.close()
+    if supervisor.fatal is not None:
+        raise AgentFailed(
+            f"background loop {supervisor.fatal.name} kept failing: {supervisor.fatal.error}"
+        )
 
 
 def _node_event_poster(client: KubeClient, node_id: str) -> Callable[[Problem], None]:

@@ -39,7 +39,7 @@ from weightcache.daemon.store.index import BlobRow
 from weightcache.daemon.store.states import BlobState
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import Problem, metadata_problem
-from weightcache.daemon.threads import start_guarded
+from weightcache.daemon.threads import Spawn, start_guarded
 
 log = logging.getLogger(__name__)
 READ_AHEAD = 2
@@ -91,8 +91,8 @@ class Scrubber:
         self._metrics = metrics or Metrics()
         self._done = threading.Condition()
 
-    def start(self) -> threading.Thread:
-        return start_guarded(self.run, "scrubber")
+    def start(self, spawn: Spawn = start_guarded) -> threading.Thread:
+        return spawn(self.run, "scrubber")
 
     def run(self) -> None:
         while not self._stop.is_set():

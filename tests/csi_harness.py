@@ -7,7 +7,7 @@ test picks the mounter (real bind mounts by default) and the configuration.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +72,12 @@ class NodeHarness:
 
 @contextlib.asynccontextmanager
 async def serving_node(
-    tmp_path: Path, config: Config, *, mounter: Mounter | None = None, wait_s: float = 2.0
+    tmp_path: Path,
+    config: Config,
+    *,
+    mounter: Mounter | None = None,
+    wait_s: float = 2.0,
+    ready: Callable[[], bool] = lambda: True,
 ) -> AsyncIterator[NodeHarness]:
     """The node plugin (Identity + Node) on ``tmp_path/node.sock``; afterwards every mount left
     under ``tmp_path`` is removed and the store closed."""
@@ -92,7 +97,7 @@ async def serving_node(
         publish_wait_s=wait_s,
     )
     endpoint = f"unix://{tmp_path}/node.sock"
-    server = await start_node_server(endpoint, IdentityService(lambda: True), node)
+    server = await start_node_server(endpoint, IdentityService(ready), node)
     try:
         async with grpc.aio.insecure_channel(endpoint) as channel:
             yield NodeHarness(

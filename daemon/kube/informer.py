@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from weightcache.daemon.kube.client import Expired, KubeError, Listing
-from weightcache.daemon.threads import start_guarded
+from weightcache.daemon.threads import Spawn, start_guarded
 
 log = logging.getLogger(__name__)
 Object = dict[str, Any]
@@ -60,8 +60,8 @@ class Informer:
         with self._lock:
             return list(self._objects.values())
 
-    def start(self) -> threading.Thread:
-        return start_guarded(self.run, f"informer-{self.name}")
+    def start(self, spawn: Spawn = start_guarded) -> threading.Thread:
+        return spawn(self.run, f"informer-{self.name}")
 
     def run(self) -> None:
         failures = 0

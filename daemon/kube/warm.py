@@ -60,7 +60,7 @@ from weightcache.daemon.references import Aliases, ModelRef, parse_reference
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.states import ModelState, PinKind
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.threads import start_guarded
+from weightcache.daemon.threads import Spawn, start_guarded
 
 log = logging.getLogger(__name__)
 EVENT_TRIES = 5
@@ -117,7 +117,9 @@ class WarmController:
         policy: Policy,
         aliases: Aliases | None = None,
         clock: Callable[[], float] = time.time,
+        stop: threading.Event | None = None,
     ) -> None:
+        """``stop``: the process's one stop signal (a new one when None)."""
         self.node_name = node_name
         self._client = client
         self._store = store
@@ -134,7 +136,7 @@ class WarmController:
         # ref -> (namespaces, bytes) admitted to fetch and not finished yet.
         self._reserved: dict[str, tuple[frozenset[str], int]] = {}
         self._reserve_lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
         self._wake = threading.Event()
         self._attempts: dict[str, Attempt] = {}
         # (holder, subject, reason) -> the attempt or digest last announced: bounded by what
@@ -172,10 +174,10 @@ class WarmController:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, spawn: Spawn = start_guarded) -> None:
         for informer in self.informers.values():
-            informer.start()
-        self._thread = start_guarded(self._loop, "warm-controller")
+            informer.start(spawn)
+        self._thread = spawn(self._loop, "warm-controller")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop reconciling. Informer threads end at their next event or watch timeout; they
