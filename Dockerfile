@@ -13,6 +13,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/weightcache
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY app/ app/
 COPY daemon/ daemon/
 COPY csi/ csi/
 COPY proto/ proto/

@@ -45,6 +45,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MB, measure, output_arguments, say
 
+from weightcache.app.wiring import build_fetcher, build_policy
 from weightcache.csi.mounter import SystemMounter
 from weightcache.csi.node import NodeService
 from weightcache.csi.server import start_server
@@ -54,7 +55,6 @@ from weightcache.daemon.plan import listing_digest
 from weightcache.daemon.repair import Repairer
 from weightcache.daemon.store.states import Access, ModelState, Trust
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher, build_policy
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
 GIB = 1024**3

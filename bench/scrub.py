@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MB, Result, drop_caches, measure, output_arguments, report, say
 from publish_latency import write_real
 
+from weightcache.app.wiring import build_fetcher
 from weightcache.daemon.config import Config, ScrubConfig, StoreConfig
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import Problem
-from weightcache.daemon.wiring import build_fetcher
 
 GIB = 1024**3
 MIB = 1024**2

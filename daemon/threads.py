@@ -60,7 +60,7 @@ class Supervisor:
         self,
         stop: threading.Event,
         *,
-        on_fatal: Callable[[Failure], None] | None = None,
+        on_fatal: Callable[[Failure], object] | None = None,
         delays: Sequence[float] = RESTART_DELAYS,
         max_restarts: int = MAX_RESTARTS,
         window_s: float = RESTART_WINDOW_S,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from helpers import make_config
 
+from weightcache.app.wiring import build_fetcher
 from weightcache.daemon.config import Config
 from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher
 from weightcache.testing.faultproxy import FaultProxy, run_fault_proxy
 from weightcache.testing.models import ModelPublisher
 from weightcache.testing.oci_push import RegistryPusher

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from weightcache.app.wiring import build_fetcher, build_policy
 from weightcache.csi.controller import ControllerService, ModelSize
 from weightcache.csi.identity import IdentityService
 from weightcache.csi.mounter import Mounter, SystemMounter
@@ -22,7 +23,6 @@ from weightcache.daemon.config import Config
 from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.repair import Repairer
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher, build_policy
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode

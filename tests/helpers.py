@@ -49,7 +49,9 @@ def make_config(
     elif not policy.file_roots:
         policy = dataclasses.replace(policy, file_roots=(node,))
     return Config(
-        store=StoreConfig(root=root, **(store or {})),  # type: ignore[arg-type]
+        # No free-space reserve unless a test asks for one: the machine's disk is shared by
+        # every test, and a GPU node's reserve is not what most of them check.
+        store=StoreConfig(root=root, **{"reserve_fraction": 0.0, **(store or {})}),  # type: ignore[arg-type]
         fetch=FetchConfig(**settings),  # type: ignore[arg-type]
         registry=registry or RegistryConfig(),
         policy=policy,
@@ -87,7 +89,7 @@ def models_dir_entries(store_root: Path) -> list[str]:
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run ``weightcache ARGS`` as a separate process, the way an operator does."""
     return subprocess.run(
-        [sys.executable, "-m", "weightcache.daemon", *args],
+        [sys.executable, "-m", "weightcache.app", *args],
         capture_output=True,
         text=True,
         check=False,

@@ -66,7 +66,7 @@ def test_ls_shows_progress_of_a_fetch_in_flight(
         [
             sys.executable,
             "-m",
-            "weightcache.daemon",
+            "weightcache.app",
             "warm",
             f"oci://{proxy.host}/cli/progress:v1",
             "--store",

@@ -24,10 +24,10 @@ from csi_harness import (
 )
 from helpers import make_config
 
+from weightcache.app.wiring import build_sources
 from weightcache.csi.identity import DRIVER_NAME
 from weightcache.daemon.errors import SourceError
 from weightcache.daemon.references import ModelRef, parse_reference
-from weightcache.daemon.wiring import build_sources
 from weightcache.proto import csi_pb2
 from weightcache.testing.models import sample_model, write_files
 

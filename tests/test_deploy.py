@@ -19,7 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from weightcache.daemon.cli import build_parser
+from weightcache.app.cli import build_parser
 from weightcache.daemon.config import ConfigError, parse_config
 from weightcache.daemon.kube.naming import label_key
 from weightcache.daemon.references import parse_reference

@@ -20,8 +20,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from weightcache.app.cli import build_parser
 from weightcache.daemon import config as config_module
-from weightcache.daemon.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import PART, make_config, models_dir_entries, read_tree
 
+from weightcache.app.wiring import build_fetcher
 from weightcache.daemon.config import Config, RegistryConfig
 from weightcache.daemon.errors import (
     DigestMismatch,
@@ -23,7 +24,6 @@ from weightcache.daemon.errors import (
 from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher
 from weightcache.testing.faultproxy import FaultProxy, Rule
 from weightcache.testing.models import (
     OCI_EMPTY,

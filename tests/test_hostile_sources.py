@@ -20,6 +20,7 @@ import pytest
 from botocore.config import Config as BotoConfig
 from helpers import PART, make_config, models_dir_entries, read_tree
 
+from weightcache.app.wiring import build_fetcher
 from weightcache.daemon.config import Config, Mirror, PolicyConfig, RegistryConfig
 from weightcache.daemon.errors import (
     DigestMismatch,
@@ -38,7 +39,6 @@ from weightcache.daemon.sources.ranges import Limits
 from weightcache.daemon.sources.s3 import S3Source, integrity
 from weightcache.daemon.store.states import ModelState
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher
 from weightcache.testing.faultproxy import FaultProxy, Rule, run_fault_proxy
 from weightcache.testing.hostile import Answer, challenge, huge_token, run_hostile, s3_error
 from weightcache.testing.models import ModelPublisher, publish_s3, sample_model

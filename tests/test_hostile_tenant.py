@@ -25,6 +25,7 @@ import pytest
 from csi_harness import NodeHarness, mountinfo_entries, publish, serving_node, unpublish
 from helpers import dockerconfig, make_config, read_tree, report
 
+from weightcache.app.wiring import build_policy
 from weightcache.daemon.config import Config, PolicyConfig, PolicyRule, RegistryConfig, WarmConfig
 from weightcache.daemon.errors import WeightcacheError
 from weightcache.daemon.kube.client import KubeClient
@@ -32,7 +33,6 @@ from weightcache.daemon.kube.naming import WARM_ANNOTATION
 from weightcache.daemon.kube.warm import WarmController
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.store.states import Access
-from weightcache.daemon.wiring import build_policy
 from weightcache.testing.fake_kube import FakeKube, deployment, node, run_fake_kube
 from weightcache.testing.faultproxy import FaultProxy, Rule
 from weightcache.testing.models import ModelPublisher, sample_model

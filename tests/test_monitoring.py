@@ -366,7 +366,7 @@ def test_dashboard_and_alerts_on_a_real_prometheus(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "weightcache.daemon",
+                "weightcache.app",
                 *("--log-format", "json", "node", "--node-name", NODE),
                 *("--kubeconfig", str(kube.kubeconfig(tmp_path))),
                 *("--store", str(store), "--csi-endpoint", endpoint),

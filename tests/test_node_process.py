@@ -64,7 +64,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "weightcache.daemon", *args],
+        [sys.executable, "-m", "weightcache.app", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from helpers import dockerconfig, make_config
 
+from weightcache.app.wiring import build_fetcher
 from weightcache.daemon.config import RegistryConfig
 from weightcache.daemon.errors import SourceError
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.sources.credentials import DockerConfigFile
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher
 from weightcache.testing.faultproxy import FaultProxy
 from weightcache.testing.models import ModelPublisher, sample_model
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import PART, Hold, make_config, models_dir_entries, read_tree, run_cli
 
+from weightcache.app.wiring import build_fetcher
 from weightcache.daemon.errors import InsufficientSpace
 from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.references import parse_reference
@@ -20,7 +21,6 @@ from weightcache.daemon.repair import Repairer
 from weightcache.daemon.store.states import ModelState
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import verify_store
-from weightcache.daemon.wiring import build_fetcher
 from weightcache.testing.faultproxy import FaultProxy, Rule
 from weightcache.testing.models import ModelPublisher, sample_model, write_files
 
@@ -76,7 +76,7 @@ def test_sigkill_mid_fetch_then_resume_redownloads_only_what_is_missing(
         [
             sys.executable,
             "-m",
-            "weightcache.daemon",
+            "weightcache.app",
             "warm",
             f"oci://{proxy.host}/resume/kill:v1",
             "--store",

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from helpers import make_config
 
+from weightcache.app.wiring import build_fetcher
 from weightcache.daemon.config import PACED, ConfigError, ScrubConfig, StoreConfig, parse_config
 from weightcache.daemon.errors import InsufficientSpace
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.store.states import PinKind
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher
 from weightcache.testing.models import write_files
 
 MIB = 1024 * 1024
@@ -77,7 +77,9 @@ def test_a_fetch_that_would_cross_the_reserve_is_refused_with_the_sizes(
     files = {"weights.bin": bytes(range(256)) * (4 * MIB // 256)}  # 4 MiB
     first = write_files(tmp_path / "src-a", files)
     second = write_files(tmp_path / "src-b", {"weights.bin": b"\x01" * (4 * MIB)})
-    config = make_config(small_fs / "store")
+    config = make_config(
+        small_fs / "store", store={"reserve_fraction": StoreConfig().reserve_fraction}
+    )
     store = Store(config.store)
     fetcher = build_fetcher(config, store)
     try:

@@ -17,11 +17,11 @@ import pytest
 from csi_harness import NodeHarness, publish, serving_node
 from helpers import PART, flip_byte, make_config, read_tree
 
+from weightcache.app.node_agent import _node_event_poster
 from weightcache.daemon.config import ScrubConfig
 from weightcache.daemon.errors import RepairFailed
 from weightcache.daemon.kube.client import KubeClient
 from weightcache.daemon.metrics import Metrics
-from weightcache.daemon.node_agent import _node_event_poster
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.repair import Repairer
 from weightcache.daemon.scrubber import Scrubber

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from helpers import PART, Hold, make_config, models_dir_entries, run_cli
 
+from weightcache.app.wiring import build_fetcher
 from weightcache.daemon.errors import SourceError
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher
 from weightcache.testing.faultproxy import FaultProxy, Rule
 from weightcache.testing.models import ModelPublisher
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-PACKAGES = ("daemon", "csi", "proto", "testing")
+PACKAGES = ("app", "daemon", "csi", "proto", "testing")
 
 
 def _run(cmd: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> None:

@@ -94,7 +94,7 @@ def test_status_shows_the_running_agent(tmp_path: Path) -> None:
     config.write_text("[scrub]\nbytes_per_s = 4194304\n")
     agent = subprocess.Popen(
         [
-            *(sys.executable, "-m", "weightcache.daemon", "node", "--no-kube"),
+            *(sys.executable, "-m", "weightcache.app", "node", "--no-kube"),
             *("--node-name", "n1", "--store", str(store)),
             *("--csi-endpoint", f"unix://{tmp_path}/csi.sock"),
             *("--metrics-address", f"127.0.0.1:{port}", "--config", str(config)),

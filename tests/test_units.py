@@ -116,7 +116,7 @@ def test_bad_config_on_the_command_line_exits_2(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "weightcache.daemon",
+            "weightcache.app",
             "ls",
             "--store",
             str(tmp_path / "s"),

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from helpers import make_config
 
+from weightcache.app.wiring import build_fetcher, build_policy
 from weightcache.daemon.config import Config, WarmConfig
 from weightcache.daemon.fetcher import Fetcher
 from weightcache.daemon.kube.client import KubeClient
@@ -20,7 +21,6 @@ from weightcache.daemon.kube.naming import WARM_ANNOTATION, label_key
 from weightcache.daemon.kube.warm import WarmController
 from weightcache.daemon.references import parse_reference
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.wiring import build_fetcher, build_policy
 from weightcache.testing.fake_kube import FakeKube, deployment, node, run_fake_kube, statefulset
 from weightcache.testing.faultproxy import FaultProxy, Rule
 from weightcache.testing.models import ModelPublisher, sample_model, write_files

@@ -298,6 +298,30 @@ class Index:
 
     # -- ingestion, quarantine, eviction (the store's transactions) ------------------------------
 
+    def held_blob_bytes(self) -> int:
+        """Bytes of every blob the store holds (a missing one holds nothing)."""
+        return self.scalar(
+            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state != ?", (BlobState.MISSING,)
+        )
+
+    def oldest_verification(self) -> float:
+        """When the least recently verified blob of a ready model was last verified (0: none)."""
+        return self.scalar(
+            "SELECT COALESCE(MIN(b.verified_at), 0) FROM blobs b"
+            " JOIN model_files f ON f.sha256 = b.sha256 JOIN models m ON m.digest = f.model"
+            " WHERE b.state = ? AND m.state = ?",
+            (BlobState.OK, ModelState.READY),
+        )
+
+    def recent_failures(self, limit: int) -> list[tuple[str, float, str, str]]:
+        """(sha256, at, mode, detail) of the latest failed checks, newest first."""
+        rows = self.query(
+            "SELECT sha256, at, mode, detail FROM verifications WHERE ok = 0"
+            " ORDER BY at DESC LIMIT ?",
+            (limit,),
+        )
+        return [(str(a), float(str(b)), str(c), str(d)) for a, b, c, d in rows]
+
     def blob_digests(self) -> list[str]:
         return [str(r[0]) for r in self.query("SELECT sha256 FROM blobs")]
 

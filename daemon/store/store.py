@@ -63,6 +63,22 @@ class Usage:
         return max(0, self.fs_free - self.reserve)
 
 
+def measure_usage(config: StoreConfig, layout: Layout, index: Index) -> Usage:
+    """Bytes held and allowed, from the index and the filesystem: the one place the budget and
+    the reserve are computed (read-only callers such as ``weightcache status`` use it too)."""
+    vfs = os.statvfs(layout.root)
+    size = vfs.f_blocks * vfs.f_frsize
+    reserve = max(int(size * config.reserve_fraction), config.reserve_bytes)
+    budget = config.budget_bytes or max(0, size - reserve)
+    return Usage(
+        index.held_blob_bytes(),
+        dir_bytes(layout.staging),
+        budget,
+        vfs.f_bavail * vfs.f_frsize,
+        reserve,
+    )
+
+
 class Store:
     """A store directory and its index. Thread-safe; safe to share between processes."""
 
@@ -384,15 +400,7 @@ class Store:
     # -- capacity ------------------------------------------------------------------------------
 
     def usage(self) -> Usage:
-        blob_bytes = self.index.scalar(
-            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state != 'missing'"
-        )
-        staging_bytes = dir_bytes(self.layout.staging)
-        vfs = os.statvfs(self.layout.root)
-        size = vfs.f_blocks * vfs.f_frsize
-        reserve = max(int(size * self.config.reserve_fraction), self.config.reserve_bytes)
-        budget = self.config.budget_bytes or max(0, size - reserve)
-        return Usage(blob_bytes, staging_bytes, budget, vfs.f_bavail * vfs.f_frsize, reserve)
+        return measure_usage(self.config, self.layout, self.index)
 
     def make_room(self, needed: int, keep: str) -> list[str]:
         """Evict least-recently-used unpinned models until ``needed`` more bytes fit under the

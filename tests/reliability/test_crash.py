@@ -69,7 +69,7 @@ def test_sigkill_at_random_moments_of_a_fetch(
             [
                 sys.executable,
                 "-m",
-                "weightcache.daemon",
+                "weightcache.app",
                 "warm",
                 f"oci://{proxy.host}/{repo}:v1",
                 "--store",
@@ -78,10 +78,14 @@ def test_sigkill_at_random_moments_of_a_fetch(
                 str(config),
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=(tmp_path / f"warm{n}.log").open("w"),
         )
         try:
-            assert hold.arrived.wait(120), "the fetch never reached the chosen moment"
+            reached = hold.arrived.wait(120)
+            assert reached, (
+                "the fetch never reached the chosen moment: "
+                + (tmp_path / f"warm{n}.log").read_text()[-2000:]
+            )
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
         finally:

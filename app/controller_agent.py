@@ -10,12 +10,12 @@ import asyncio
 import logging
 import signal
 
+from weightcache.app.wiring import build_sources
 from weightcache.csi.controller import ControllerService
 from weightcache.csi.identity import IdentityService
 from weightcache.csi.server import start_controller_server
 from weightcache.daemon.config import Config
 from weightcache.daemon.references import ModelRef
-from weightcache.daemon.wiring import build_sources
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 5.0

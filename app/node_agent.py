@@ -14,11 +14,13 @@ import signal
 import threading
 from collections.abc import Callable
 
+from weightcache.app import logs
+from weightcache.app.status import AgentView
+from weightcache.app.wiring import build_fetcher, build_policy
 from weightcache.csi.identity import IdentityService
 from weightcache.csi.mounter import SystemMounter
 from weightcache.csi.node import NodeService
 from weightcache.csi.server import start_node_server
-from weightcache.daemon import logs
 from weightcache.daemon.config import Config
 from weightcache.daemon.errors import AgentFailed
 from weightcache.daemon.kube.client import KubeClient
@@ -27,11 +29,9 @@ from weightcache.daemon.kube.warm import WarmController
 from weightcache.daemon.metrics import Metrics, MetricsServer
 from weightcache.daemon.repair import Repairer
 from weightcache.daemon.scrubber import Scrubber
-from weightcache.daemon.status import AgentView
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import Problem
 from weightcache.daemon.threads import Supervisor
-from weightcache.daemon.wiring import build_fetcher, build_policy
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 10.0

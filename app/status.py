@@ -25,13 +25,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from weightcache.app.logs import RecentErrors
 from weightcache.daemon import __version__
 from weightcache.daemon.config import StoreConfig
 from weightcache.daemon.errors import WeightcacheError
-from weightcache.daemon.logs import RecentErrors
 from weightcache.daemon.store.index import Index, ModelRow
 from weightcache.daemon.store.layout import Layout, dir_bytes
-from weightcache.daemon.store.states import BlobState, ModelState, PinKind
+from weightcache.daemon.store.states import ModelState, PinKind
+from weightcache.daemon.store.store import measure_usage
 from weightcache.daemon.units import human_bytes
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -135,29 +136,15 @@ def _store_doc(config: StoreConfig, layout: Layout, index: Index, now: float) ->
     models = index.models()
     pins = index.pins()
     pins_by_model = Counter(model for model, _, _ in pins)
-    blob_bytes = index.scalar(
-        "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state != ?", (BlobState.MISSING,)
-    )
-    staging = dir_bytes(layout.staging)
+    usage = measure_usage(config, layout, index)
+    blob_bytes, staging = usage.blob_bytes, usage.staging_bytes
+    budget, reserve, used = usage.budget, usage.reserve, usage.used
     vfs = os.statvfs(layout.root)
     fs_size = vfs.f_blocks * vfs.f_frsize
-    # As Store.usage() computes them, which needs a store opened for writing.
-    reserve = max(int(fs_size * config.reserve_fraction), config.reserve_bytes)
-    budget = config.budget_bytes or max(0, fs_size - reserve)
-    used = blob_bytes + staging
-    oldest = index.scalar(
-        "SELECT COALESCE(MIN(b.verified_at), 0) FROM blobs b"
-        " JOIN model_files f ON f.sha256 = b.sha256 JOIN models m ON m.digest = f.model"
-        " WHERE b.state = ? AND m.state = ?",
-        (BlobState.OK, ModelState.READY),
-    )
+    oldest = index.oldest_verification()
     failures = [
-        {"sha256": str(sha), "at": float(str(at)), "mode": str(mode), "detail": str(detail)}
-        for sha, at, mode, detail in index.query(
-            "SELECT sha256, at, mode, detail FROM verifications WHERE ok = 0"
-            " ORDER BY at DESC LIMIT ?",
-            (FAILURES_SHOWN,),
-        )
+        {"sha256": sha, "at": at, "mode": mode, "detail": detail}
+        for sha, at, mode, detail in index.recent_failures(FAILURES_SHOWN)
     ]
     by_state = Counter(row.state for row in models)
     return {

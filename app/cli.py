@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from weightcache.daemon import __version__, logs
+from weightcache.app import logs
+from weightcache.daemon import __version__
 from weightcache.daemon.config import ConfigError
 from weightcache.daemon.errors import WeightcacheError
 
@@ -82,31 +83,31 @@ def parse_size(text: str) -> int:
 
 
 def _warm(args: argparse.Namespace) -> int:
-    from weightcache.daemon import commands
+    from weightcache.app import commands
 
     return commands.warm(_config(args), args.refs, args.json)
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from weightcache.daemon import commands
+    from weightcache.app import commands
 
     return commands.ls(_config(args), args.json)
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from weightcache.daemon import commands
+    from weightcache.app import commands
 
     return commands.verify(_config(args), args.full, args.json)
 
 
 def _label(args: argparse.Namespace) -> int:
-    from weightcache.daemon import commands
+    from weightcache.app import commands
 
     return commands.label(_config(args), args.refs, args.json)
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from weightcache.daemon import commands
+    from weightcache.app import commands
 
     return commands.gc(_config(args), args.target_bytes)
 
@@ -115,7 +116,7 @@ def _node(args: argparse.Namespace) -> int:
     import asyncio
     import socket
 
-    from weightcache.daemon.node_agent import run_node
+    from weightcache.app.node_agent import run_node
 
     node_id = args.node_name or socket.gethostname()
     asyncio.run(
@@ -135,8 +136,8 @@ def _controller(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
+    from weightcache.app.controller_agent import run_controller
     from weightcache.daemon.config import load_config
-    from weightcache.daemon.controller_agent import run_controller
 
     config = load_config(Path(args.config) if args.config else None)
     asyncio.run(run_controller(config, args.csi_endpoint))
@@ -144,13 +145,13 @@ def _controller(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from weightcache.daemon.status import status
+    from weightcache.app.status import status
 
     return status(_config(args).store, args.agent_address or None, args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from weightcache.daemon.demo import run_demo
+    from weightcache.app.demo import run_demo
 
     return run_demo()
 

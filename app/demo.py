@@ -69,7 +69,8 @@ def run_demo() -> int:
                 for key, value in s3.env().items():
                     os.environ[key] = value  # the S3 source reads the standard AWS chain
                 config = Config(
-                    store=StoreConfig(root=work / "store"),
+                    # This machine's disk, not a GPU node's: no free-space reserve to keep.
+                    store=StoreConfig(root=work / "store", reserve_fraction=0.0),
                     fetch=FetchConfig(part_bytes=4 * 1024 * 1024),
                 )
                 return _warm_and_check(config, refs, files, f"oci://{registry.host}/demo/llm:v2")
@@ -81,10 +82,10 @@ def run_demo() -> int:
 def _warm_and_check(
     config: Config, refs: dict[str, str], files: dict[str, bytes], next_ref: str
 ) -> int:
+    from weightcache.app.wiring import build_fetcher
     from weightcache.daemon.references import parse_reference
     from weightcache.daemon.store.store import Store
     from weightcache.daemon.store.verify import verify_store
-    from weightcache.daemon.wiring import build_fetcher
 
     store = Store(config.store)
     fetcher = build_fetcher(config, store)
@@ -179,13 +180,13 @@ async def _mount(
     """The CSI node plugin on a unix socket; a pod's inline volume published and unpublished."""
     import errno
 
+    from weightcache.app.wiring import build_policy
     from weightcache.csi.client import NodeClient
     from weightcache.csi.identity import IdentityService
     from weightcache.csi.mounter import SystemMounter
     from weightcache.csi.node import NodeService
     from weightcache.csi.server import start_node_server
     from weightcache.daemon.repair import Repairer
-    from weightcache.daemon.wiring import build_policy
 
     root = config.store.root.parent
     endpoint = f"unix://{root}/csi/csi.sock"
@@ -231,11 +232,11 @@ def _warm_controller(config: Config, store: Store, fetcher: Fetcher, ref: str) -
     """A Deployment annotated weightcache.io/warm, seen through a local API server that speaks
     the Kubernetes list/watch protocol: the node pins the model, labels itself, tells the
     workload."""
+    from weightcache.app.wiring import build_policy
     from weightcache.daemon.kube.client import KubeClient
     from weightcache.daemon.kube.naming import WARM_ANNOTATION, label_key
     from weightcache.daemon.kube.warm import WarmController
     from weightcache.daemon.references import parse_reference
-    from weightcache.daemon.wiring import build_policy
     from weightcache.testing.fake_kube import deployment, node, run_fake_kube
 
     key = label_key(parse_reference(ref))

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any, TextIO
 
+from weightcache.app.wiring import build_fetcher
 from weightcache.daemon.config import Config
 from weightcache.daemon.errors import InvalidReference, WeightcacheError
 from weightcache.daemon.fetcher import Fetcher, Progress
@@ -30,7 +31,6 @@ from weightcache.daemon.store.states import ModelState, Trust
 from weightcache.daemon.store.store import Store
 from weightcache.daemon.store.verify import verify_store
 from weightcache.daemon.units import human_bytes
-from weightcache.daemon.wiring import build_fetcher
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

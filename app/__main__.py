@@ -1,0 +1,3 @@
+from weightcache.app.cli import main
+
+raise SystemExit(main())

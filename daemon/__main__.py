@@ -1,3 +1,0 @@
-from weightcache.daemon.cli import main
-
-raise SystemExit(main())
