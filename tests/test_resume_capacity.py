@@ -8,10 +8,19 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import PART, Hold, make_config, models_dir_entries, read_tree, run_cli
+from helpers import (
+    PART,
+    Hold,
+    make_config,
+    models_dir_entries,
+    read_tree,
+    run_cli,
+    small_filesystem,
+)
 
 from weightcache.app.wiring import build_fetcher
 from weightcache.daemon.errors import InsufficientSpace
@@ -201,14 +210,10 @@ def test_gc_evicts_down_to_target_but_never_pinned(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path):
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], check=True)
-    try:
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 12 MiB filesystem of its own."""
+    with small_filesystem(tmp_path / "tiny", "12m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_a_model_larger_than_the_disk_fails_before_fetching(tmp_path: Path, tiny_fs: Path) -> None:

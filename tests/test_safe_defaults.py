@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import make_config
+from helpers import make_config, small_filesystem
 
 from weightcache.app.wiring import build_fetcher
 from weightcache.daemon.config import PACED, ConfigError, ScrubConfig, StoreConfig, parse_config
@@ -37,13 +36,8 @@ image garbage collection starts (imageGCHighThresholdPercent 85)."""
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 32 MiB filesystem of its own, so free space and size are known."""
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], check=True)
-    try:
+    with small_filesystem(tmp_path / "fs", "32m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_the_default_reserve_stays_above_the_kubelet_eviction_thresholds() -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from csi_harness import publish, serving_node, unpublish
-from helpers import PART, make_config, models_dir_entries, read_tree, report
+from helpers import PART, make_config, models_dir_entries, read_tree, report, small_filesystem
 
 from weightcache.daemon.config import PolicyConfig
 from weightcache.daemon.errors import InsufficientSpace
@@ -26,13 +25,9 @@ SECTION = "reliability"
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], check=True)
-    try:
+    """A 24 MiB filesystem of its own."""
+    with small_filesystem(tmp_path / "small", "24m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_a_disk_that_fills_mid_fetch_loses_nothing_else(
