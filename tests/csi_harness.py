@@ -7,7 +7,8 @@ test picks the mounter (real bind mounts by default) and the configuration.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,13 @@ from weightcache.csi.identity import IdentityService
 from weightcache.csi.mounter import Mounter, SystemMounter
 from weightcache.csi.node import NodeService
 from weightcache.csi.server import start_controller_server, start_node_server
-from weightcache.daemon.config import Config
+from weightcache.daemon.config import Config, ScrubConfig
 from weightcache.daemon.fetcher import Fetcher
+from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.repair import Repairer
+from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.store.store import Store
+from weightcache.daemon.store.verify import Problem
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
@@ -140,3 +144,24 @@ async def serving_controller(
             )
     finally:
         await server.stop(grace=None)
+
+
+def quarantining_scrubber(
+    h: NodeHarness,
+    repairs: list[str] | None = None,
+    repairer: Repairer | None = None,
+    metrics: Metrics | None = None,
+) -> Scrubber:
+    """An unthrottled scrubber whose findings the repairer quarantines but does not repair;
+    the models it would repair are appended to ``repairs``, so a test can check the state in
+    between and start the repairs itself."""
+    chosen = repairer or h.repairer
+
+    def damaged(problems: Sequence[Problem]) -> None:
+        chosen.damaged(problems, repair=False)
+        if repairs is not None:
+            repairs.extend(p.model for p in problems)
+
+    return Scrubber(
+        h.store, damaged, ScrubConfig(bytes_per_s=0), stop=threading.Event(), metrics=metrics
+    )

@@ -7,16 +7,13 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
-import threading
 from pathlib import Path
 from typing import BinaryIO
 
-from csi_harness import publish, serving_node
+from csi_harness import publish, quarantining_scrubber, serving_node
 from helpers import PART, flip_byte, make_config, read_tree
 
-from weightcache.daemon.config import ScrubConfig
 from weightcache.daemon.references import parse_reference
-from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.store.states import ModelState
 from weightcache.testing.models import sample_model, write_files
 
@@ -44,12 +41,7 @@ def test_a_repair_heals_the_tree_a_running_pod_has_mounted(tmp_path: Path) -> No
             first = held.read(PART)
             # Bit rot in another shard (size, inode and mtime kept), found by one scrub pass.
             flip_byte(h.store.model_path(row.digest) / victim, PART + 3)
-            scrubber = Scrubber(
-                h.store,
-                lambda problems: h.repairer.damaged(problems, repair=False),
-                ScrubConfig(bytes_per_s=0),
-                stop=threading.Event(),
-            )
+            scrubber = quarantining_scrubber(h)
             result = await asyncio.to_thread(scrubber.scrub_pass)
             assert [p.path for p in result.problems] == [victim]
             assert not (target / victim).exists()  # gone from the pod's view, never corrupt

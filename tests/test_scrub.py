@@ -9,12 +9,12 @@ import itertools
 import os
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from csi_harness import NodeHarness, publish, serving_node
+from csi_harness import NodeHarness, publish, quarantining_scrubber, serving_node
 from helpers import PART, flip_byte, make_config, read_tree
 
 from weightcache.app.node_agent import _node_event_poster
@@ -26,31 +26,12 @@ from weightcache.daemon.references import parse_reference
 from weightcache.daemon.repair import Repairer
 from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.store.states import ModelState
-from weightcache.daemon.store.verify import Problem, check_model
+from weightcache.daemon.store.verify import check_model
 from weightcache.testing.fake_kube import node, run_fake_kube
 from weightcache.testing.faultproxy import FaultProxy
 from weightcache.testing.models import ModelPublisher, sample_model, write_files
 
 SHARD = 3 * PART + 1000  # four chunks, the last one short
-
-
-def _scrubber(
-    h: NodeHarness,
-    repairs: list[str],
-    repairer: Repairer | None = None,
-    metrics: Metrics | None = None,
-) -> Scrubber:
-    """A scrubber whose findings are quarantined by the repairer but not repaired: they are
-    recorded, and the test starts the repairs once it has checked the state in between."""
-    repairer = repairer or h.repairer
-
-    def damaged(problems: Sequence[Problem]) -> None:
-        repairer.damaged(problems, repair=False)
-        repairs.extend(p.model for p in problems)
-
-    return Scrubber(
-        h.store, damaged, ScrubConfig(bytes_per_s=0), stop=threading.Event(), metrics=metrics
-    )
 
 
 async def _refused(h: NodeHarness, ref: str, target: Path) -> str:
@@ -88,7 +69,7 @@ def test_flipped_bytes_are_found_in_one_pass_refused_and_repaired_by_range(
             repairs: list[str] = []
             metrics = Metrics()
             metrics.watch(h.store, scrub=None)
-            scrubber = _scrubber(h, repairs, metrics=metrics)
+            scrubber = quarantining_scrubber(h, repairs, metrics=metrics)
             result = await asyncio.to_thread(scrubber.scrub_pass)
             assert {(p.path, p.bad_chunks) for p in result.problems} == {
                 (rel, (offset // PART,)) for rel, offset in victims.items()
@@ -131,7 +112,7 @@ def test_a_truncated_file_fetches_only_its_tail(
             row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
             os.truncate(h.store.model_path(row.digest) / victim, 2 * PART)
             proxy.state.reset()
-            result = await asyncio.to_thread(_scrubber(h, []).scrub_pass)
+            result = await asyncio.to_thread(quarantining_scrubber(h).scrub_pass)
             assert [(p.path, p.bad_chunks) for p in result.problems] == [(victim, (2, 3))]
             await asyncio.to_thread(lambda: h.repairer.repair(row.digest).result())
             assert read_tree(h.store.model_path(row.digest)) == files
@@ -168,7 +149,7 @@ def test_replaced_and_deleted_files(tmp_path: Path) -> None:
             os.chmod(tree, 0o755)
             os.unlink(tree / deleted)
             os.chmod(tree, 0o555)
-            result = await asyncio.to_thread(_scrubber(h, []).scrub_pass)
+            result = await asyncio.to_thread(quarantining_scrubber(h).scrub_pass)
             assert sorted((p.path, p.reason) for p in result.problems) == sorted(
                 [(deleted, "file is missing"), (replaced, "inode changed (file replaced)")]
             )
@@ -192,7 +173,7 @@ def test_a_source_that_is_gone_leaves_the_model_corrupt_with_the_reason(tmp_path
             row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
             flip_byte(h.store.model_path(row.digest) / victim, 10)
             os.rename(src, tmp_path / "moved-away")
-            await asyncio.to_thread(_scrubber(h, []).scrub_pass)
+            await asyncio.to_thread(quarantining_scrubber(h).scrub_pass)
             with pytest.raises(Exception) as exc:
                 await asyncio.to_thread(lambda: h.repairer.repair(row.digest).result())
             after = h.store.model(row.digest)
@@ -212,7 +193,7 @@ def test_a_source_that_is_gone_leaves_the_model_corrupt_with_the_reason(tmp_path
             healed = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
             assert healed.state == ModelState.READY
             flip_byte(h.store.model_path(row.digest) / victim, 20)
-            await asyncio.to_thread(_scrubber(h, []).scrub_pass)
+            await asyncio.to_thread(quarantining_scrubber(h).scrub_pass)
             repaired = await asyncio.to_thread(lambda: h.repairer.repair(row.digest).result())
             assert repaired.state == ModelState.READY
 
@@ -232,7 +213,9 @@ def test_damage_is_reported_as_an_event_on_the_node(tmp_path: Path) -> None:
                 row = await asyncio.to_thread(h.fetcher.warm, parse_reference(ref))
                 flip_byte(h.store.model_path(row.digest) / victim, PART + 7)
                 poster = _node_event_poster(client, "gpu-1")
-                scrubber = _scrubber(h, [], Repairer(h.store, h.fetcher, on_damage=poster))
+                scrubber = quarantining_scrubber(
+                    h, [], Repairer(h.store, h.fetcher, on_damage=poster)
+                )
                 await asyncio.to_thread(scrubber.scrub_pass)
             client.close()
             (event,) = kube.objects("Event")

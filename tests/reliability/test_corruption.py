@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 from pathlib import Path
 
 import grpc
 import pytest
-from csi_harness import publish, serving_node, unpublish
+from csi_harness import publish, quarantining_scrubber, serving_node, unpublish
 from helpers import PART, flip_byte, make_config, read_tree, report
 
-from weightcache.daemon.config import ScrubConfig
 from weightcache.daemon.references import parse_reference
-from weightcache.daemon.scrubber import Scrubber
 from weightcache.daemon.store.states import ModelState
 from weightcache.testing.models import write_files
 
@@ -55,12 +52,7 @@ def test_random_flips_are_found_refused_and_healed(
                 rel = rng.choice(sorted(files))
                 flip_byte(tree / rel, rng.randrange(len(files[rel])))
                 damaged.add(rel)
-            scrubber = Scrubber(
-                h.store,
-                lambda problems: h.repairer.damaged(problems, repair=False),
-                ScrubConfig(bytes_per_s=0),
-                stop=threading.Event(),
-            )
+            scrubber = quarantining_scrubber(h)
             result = await asyncio.to_thread(scrubber.scrub_pass)
             found = {p.path for p in result.problems}
             _, bad_after_scrub = _seen(holder, files)
