@@ -88,8 +88,8 @@ class Progress:
         with self._lock:
             self.done += n
 
-    def failed(self, exc: BaseException, message: str | None = None) -> None:
-        self.last_error = message or str(exc)
+    def failed(self, exc: BaseException) -> None:
+        self.last_error = str(exc)
         self.last_error_public = public_message(exc)
 
     @property

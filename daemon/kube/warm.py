@@ -94,7 +94,7 @@ class Attempt:
     number: int
     started: float
     future: Future[ModelRow]
-    future_ref: ModelRef | None = None
+    ref: ModelRef
     error: BaseException | None = None
     retry_at: float = 0.0
     finished: float = 0.0
@@ -369,11 +369,7 @@ class WarmController:
         mine = {k for k in labels if k.startswith(LABEL_PREFIX)}
         if key in mine:
             return True
-        coming = {
-            label_key(a.future_ref)
-            for a in self._attempts.values()
-            if a.future_ref is not None and not a.future.done()
-        }
+        coming = {label_key(a.ref) for a in self._attempts.values() if not a.future.done()}
         if key in coming or len(mine | coming) < self._config.labels_per_node:
             return True
         for w in want.by:
@@ -399,7 +395,7 @@ class WarmController:
         number = attempt.number + 1 if attempt else 1
         namespaces = frozenset(w.namespace for w in want.by)
         future = self._fetcher.warm_async(want.ref, lambda plan: self._admit(key, namespaces, plan))
-        attempt = Attempt(number, now, future, future_ref=want.ref)
+        attempt = Attempt(number, now, future, want.ref)
         self._attempts[key] = attempt
         future.add_done_callback(lambda f: self._finished(key, attempt, f))
         for w in want.by:
