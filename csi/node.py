@@ -67,6 +67,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._node_id = node_id
         self._kubelet_dir = kubelet_dir
         self._kubelet_real = Path(os.path.realpath(kubelet_dir))
+        self._store_device = device_of(store.layout.models)  # the open store's filesystem
         self._aliases = aliases
         self._store = store
         self._fetcher = fetcher
@@ -270,11 +271,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _is_ours(self, entry: MountEntry) -> bool:
         """A bind mount of one of this store's model trees (its filesystem, a tree's path)."""
-        try:
-            device = device_of(self._store.layout.models)
-        except OSError:
-            return False
-        return entry.device == device and _TREE.search(entry.root) is not None
+        return entry.device == self._store_device and _TREE.search(entry.root) is not None
 
     # -- unpublish -----------------------------------------------------------------------------
 
