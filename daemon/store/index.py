@@ -209,12 +209,15 @@ class Index:
         with self.tx() as c:
             c.execute(
                 "INSERT INTO models(digest, ref, format, state, created_at, last_used,"
-                " bytes_total, access, trust) VALUES (?, ?, ?, 'fetching', ?, ?, ?, ?, ?)"
-                " ON CONFLICT(digest) DO UPDATE SET state = CASE WHEN state = 'ready' THEN state"
-                " ELSE 'fetching' END, ref = excluded.ref, bytes_total = excluded.bytes_total,"
+                " bytes_total, access, trust) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(digest) DO UPDATE SET state = CASE WHEN state = ? THEN state"
+                " ELSE excluded.state END, ref = excluded.ref, bytes_total = excluded.bytes_total,"
                 " error = '', last_used = excluded.last_used, access = excluded.access,"
                 " trust = excluded.trust",
-                (digest, ref, fmt, now, now, total, access, trust),
+                (
+                    *(digest, ref, fmt, ModelState.FETCHING, now, now, total, access, trust),
+                    ModelState.READY,
+                ),
             )
 
     def set_progress(self, digest: str, done: int, total: int, rate: float, error: str) -> None:
