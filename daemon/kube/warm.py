@@ -271,6 +271,9 @@ class WarmController:
         self._released = {k: v for k, v in self._released.items() if k[0] in annotated}
         now = self._clock()
         self._denied = {k: v for k, v in self._denied.items() if v[0] > now}
+        with self._reserve_lock:
+            for key in [k for k in self._reserved if k not in wanted]:
+                del self._reserved[key]
         for key in [k for k, a in self._attempts.items() if k not in wanted and a.future.done()]:
             del self._attempts[key]
 
@@ -404,11 +407,11 @@ class WarmController:
             )
 
     def _finished(self, key: str, attempt: Attempt, future: Future[ModelRow]) -> None:
-        with self._reserve_lock:
-            self._reserved.pop(key, None)
         attempt.finished = time.monotonic()
         exc = future.exception()
         if exc is not None:
+            with self._reserve_lock:  # a model that arrived keeps its share until pinned
+                self._reserved.pop(key, None)
             attempt.error = exc
             attempt.retry_at = time.monotonic() + self._config.retry_failed_s
         self.wake()
@@ -435,15 +438,18 @@ class WarmController:
                 )
             self._reserved[key] = (frozenset(fits), plan.total_bytes)
 
-    def _namespace_bytes(self, namespace: str, exclude: str = "") -> int:
-        """Bytes of distinct models a namespace's warm pins hold, plus its admitted fetches."""
+    def _namespace_bytes(self, namespace: str, exclude: str = "", key: str = "") -> int:
+        """Bytes of distinct models a namespace's warm pins hold (but ``exclude``), plus its
+        admitted fetches (but ``key``'s), which count until their model is pinned."""
         digests = {
             m
             for m, kind, holder in self._store.pins()
             if kind == PinKind.WARM and holder_namespace(holder) == namespace and m != exclude
         }
         held = sum(row.size for d in digests if (row := self._store.model(d)) is not None)
-        return held + sum(size for ns, size in self._reserved.values() if namespace in ns)
+        return held + sum(
+            size for k, (ns, size) in self._reserved.items() if namespace in ns and k != key
+        )
 
     # -- pins ----------------------------------------------------------------------------------
 
@@ -468,7 +474,7 @@ class WarmController:
                     want_pins.add(pin)
                     continue
                 with self._reserve_lock:
-                    used = self._namespace_bytes(w.namespace, exclude=row.digest)
+                    used = self._namespace_bytes(w.namespace, exclude=row.digest, key=key)
                 if limit and used + row.size > limit:
                     self._deny(
                         w,
@@ -481,6 +487,8 @@ class WarmController:
                 self._store.pin(row.digest, PinKind.WARM, w.holder)
                 current.add(pin)
                 want_pins.add(pin)
+            with self._reserve_lock:  # pinned (or refused) now: the pins count from here
+                self._reserved.pop(key, None)
         for digest, holder in current - want_pins:
             names = holders.get(holder)
             if names and not all(n in ready for n in names):
