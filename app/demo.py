@@ -184,7 +184,7 @@ async def _mount(
     from weightcache.csi.client import NodeClient
     from weightcache.csi.identity import IdentityService
     from weightcache.csi.mounter import SystemMounter
-    from weightcache.csi.node import NodeService
+    from weightcache.csi.node import NodeService, store_checks
     from weightcache.csi.server import start_node_server
     from weightcache.daemon.repair import Repairer
 
@@ -197,6 +197,7 @@ async def _mount(
         SystemMounter(),
         build_policy(config, fetcher.sources),
         Repairer(store, fetcher),
+        checks=store_checks(store),
         kubelet_dir=root / "kubelet",
         aliases=config.registry.aliases,
     )

@@ -19,7 +19,7 @@ from weightcache.app.status import AgentView
 from weightcache.app.wiring import build_fetcher, build_policy
 from weightcache.csi.identity import IdentityService
 from weightcache.csi.mounter import SystemMounter
-from weightcache.csi.node import NodeService
+from weightcache.csi.node import NodeService, store_checks
 from weightcache.csi.server import start_node_server
 from weightcache.daemon.config import Config
 from weightcache.daemon.errors import AgentFailed
@@ -82,6 +82,7 @@ async def run_node(
         SystemMounter(),
         build_policy(config, fetcher.sources),
         repairer,
+        checks=store_checks(store),
         kubelet_dir=config.csi.kubelet_dir,
         aliases=config.registry.aliases,
         metrics=metrics,

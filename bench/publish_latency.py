@@ -47,7 +47,7 @@ from common import MB, measure, output_arguments, say
 
 from weightcache.app.wiring import build_fetcher, build_policy
 from weightcache.csi.mounter import SystemMounter
-from weightcache.csi.node import NodeService
+from weightcache.csi.node import NodeService, store_checks
 from weightcache.csi.server import start_server
 from weightcache.daemon.config import Config, CsiConfig, PolicyConfig, StoreConfig
 from weightcache.daemon.hashing import Fingerprint, StreamHasher
@@ -373,6 +373,7 @@ def main() -> int:
                 SystemMounter(),
                 build_policy(config, fetcher.sources),
                 Repairer(store, fetcher),
+                checks=store_checks(store),
                 kubelet_dir=config.csi.kubelet_dir,
                 publish_wait_s=2.0,
             )

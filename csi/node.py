@@ -35,30 +35,40 @@ from weightcache.csi.interceptor import Context
 from weightcache.csi.mounter import MountEntry, Mounter, device_of
 from weightcache.csi.volume import VolumeAttributes, parse_volume_attributes
 from weightcache.daemon.errors import FetchInProgress, ModelCorrupt, NotCached, public_message
-from weightcache.daemon.fetcher import Fetcher
+from weightcache.daemon.fetches import Fetches
 from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.policy import Policy
 from weightcache.daemon.references import Aliases
-from weightcache.daemon.repair import Repairer
+from weightcache.daemon.repair import Repairs
+from weightcache.daemon.store.catalog import Catalog
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.states import ModelState, PinKind
 from weightcache.daemon.store.store import Store
-from weightcache.daemon.store.verify import check_model
+from weightcache.daemon.store.verify import ModelCheck, check_model
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
 _TREE = re.compile(r"/models/[0-9a-f]{64}$")
+Checks = Callable[[str, bool], ModelCheck]
+"""The check a publish runs on a model before binding it: (digest, full) -> what it found."""
+
+
+def store_checks(store: Store) -> Checks:
+    """A publish's checks on a real store: ``fast`` metadata, or ``full`` content, which skips
+    files whose last full re-hash passed and whose metadata has not changed since."""
+    return lambda digest, full: check_model(store, digest, full=full, remembered=True)
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(
         self,
         node_id: str,
-        store: Store,
-        fetcher: Fetcher,
+        catalog: Catalog,
+        fetcher: Fetches,
         mounter: Mounter,
         policy: Policy,
-        repairer: Repairer,
+        repairer: Repairs,
         *,
+        checks: Checks,
         kubelet_dir: Path,
         aliases: Aliases | None = None,
         publish_wait_s: float = 2.0,
@@ -67,9 +77,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._node_id = node_id
         self._kubelet_dir = kubelet_dir
         self._kubelet_real = Path(os.path.realpath(kubelet_dir))
-        self._store_device = device_of(store.layout.models)  # the open store's filesystem
+        self._store_device = device_of(catalog.models_dir)  # the open store's filesystem
         self._aliases = aliases
-        self._store = store
+        self._store = catalog
+        self._checks = checks
         self._fetcher = fetcher
         self._mounter = mounter
         self._policy = policy
@@ -202,11 +213,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _publish(self, digest: str, target: Path, attrs: VolumeAttributes) -> None:
         mounted = str(target) in self._mounter.mounts()
-        pins = {
-            m
-            for m, kind, holder in self._store.pins()
-            if kind == PinKind.MOUNT and holder == str(target)
-        }
+        pins = {p.model for p in self._store.pins_of(str(target)) if p.kind == PinKind.MOUNT}
         if mounted and pins == {digest}:
             return  # already published: idempotent
         if mounted:
@@ -219,7 +226,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             )
         created = False
         try:
-            check = check_model(self._store, digest, full=attrs.verify == "full", remembered=True)
+            check = self._checks(digest, attrs.verify == "full")
             self._metrics.verify_bytes.inc(check.bytes_hashed)
             self._metrics.verify_failures.inc(len(check.problems))
             if check.problems:
@@ -296,9 +303,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with contextlib.suppress(FileNotFoundError):
             if target.is_dir() and not os.listdir(target):
                 target.rmdir()
-        for model, kind, holder in self._store.pins():
-            if kind == PinKind.MOUNT and holder == str(target):
-                self._store.unpin(model, kind, holder)
+        for pin in self._store.pins_of(str(target)):
+            if pin.kind == PinKind.MOUNT:
+                self._store.unpin(*pin)
 
 
 async def _to_thread_to_the_end(func: Callable[..., None], *args: Any) -> None:

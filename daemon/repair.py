@@ -36,6 +36,16 @@ class Refetch(Protocol):
         ...
 
 
+class Repairs(Protocol):
+    """What the CSI node asks of the repairer (:class:`Repairer`; a recording fake in tests)."""
+
+    def damaged(self, problems: Sequence[Problem], *, repair: bool = True) -> None: ...
+
+    def repair(self, digest: str) -> Future[ModelRow]: ...
+
+    def failure(self, digest: str) -> RepairFailed | None: ...
+
+
 class Repairer:
     def __init__(
         self,

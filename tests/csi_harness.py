@@ -18,7 +18,7 @@ from weightcache.app.wiring import build_fetcher, build_policy
 from weightcache.csi.controller import ControllerService, ModelSize
 from weightcache.csi.identity import IdentityService
 from weightcache.csi.mounter import Mounter, SystemMounter
-from weightcache.csi.node import NodeService
+from weightcache.csi.node import NodeService, store_checks
 from weightcache.csi.server import start_controller_server, start_node_server
 from weightcache.daemon.config import Config, ScrubConfig
 from weightcache.daemon.fetcher import Fetcher
@@ -96,6 +96,7 @@ async def serving_node(
         mounter,
         build_policy(config, fetcher.sources),
         repairer,
+        checks=store_checks(store),
         kubelet_dir=config.csi.kubelet_dir,
         aliases=config.registry.aliases,
         publish_wait_s=wait_s,

@@ -13,7 +13,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from weightcache.daemon.errors import WeightcacheError
 
@@ -37,6 +37,28 @@ class Expired(KubeError):
 class Listing:
     items: list[dict[str, Any]]
     resource_version: str
+
+
+class Kube(Protocol):
+    """The few calls the warm controller makes. :class:`KubeClient` is the real one;
+    ``weightcache.testing.memory.MemoryKube`` holds objects in memory for fast tests of the
+    controller's decisions."""
+
+    def list_workloads(self, kind: str) -> Listing: ...
+
+    def watch_workloads(
+        self, kind: str, resource_version: str, timeout_s: int
+    ) -> Iterator[tuple[str, dict[str, Any]]]: ...
+
+    def get_node(self, name: str) -> dict[str, Any]: ...
+
+    def watch_node(
+        self, name: str, resource_version: str, timeout_s: int
+    ) -> Iterator[tuple[str, dict[str, Any]]]: ...
+
+    def patch_node_labels(self, name: str, labels: Mapping[str, str | None]) -> None: ...
+
+    def create_event(self, namespace: str, event: Mapping[str, Any]) -> None: ...
 
 
 class KubeClient:

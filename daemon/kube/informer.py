@@ -69,7 +69,7 @@ class Informer:
         while not self._stop.is_set():
             try:
                 if rv is None:
-                    rv = self._relist()
+                    rv = self.relist()
                 rv, seen = self._follow(rv)
                 if seen:
                     failures = 0
@@ -88,7 +88,8 @@ class Informer:
             delay = self._delays[min(failures - 1, len(self._delays) - 1)]
             self._stop.wait(delay)
 
-    def _relist(self) -> str:
+    def relist(self) -> str:
+        """List now and replace the local copy; returns the list's resourceVersion."""
         listing = self._list()
         with self._lock:
             self._objects = {object_key(o): o for o in listing.items}

@@ -42,8 +42,8 @@ from weightcache.daemon.errors import (
     WeightcacheError,
     public_message,
 )
-from weightcache.daemon.fetcher import Fetcher
-from weightcache.daemon.kube.client import KubeClient, KubeError, Listing
+from weightcache.daemon.fetches import Fetches
+from weightcache.daemon.kube.client import Kube, KubeError, Listing
 from weightcache.daemon.kube.events import event_body
 from weightcache.daemon.kube.informer import Informer, Lister, Object, Watcher
 from weightcache.daemon.kube.naming import (
@@ -57,9 +57,9 @@ from weightcache.daemon.kube.scheduling import eligible
 from weightcache.daemon.plan import ModelPlan
 from weightcache.daemon.policy import Policy
 from weightcache.daemon.references import Aliases, ModelRef, parse_reference
+from weightcache.daemon.store.catalog import Catalog
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.states import ModelState, PinKind
-from weightcache.daemon.store.store import Store
 from weightcache.daemon.threads import Spawn, start_guarded
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,9 @@ class WarmController:
     def __init__(
         self,
         node_name: str,
-        client: KubeClient,
-        store: Store,
-        fetcher: Fetcher,
+        client: Kube,
+        store: Catalog,
+        fetcher: Fetches,
         config: WarmConfig,
         policy: Policy,
         aliases: Aliases | None = None,
