@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS pins (
     created_at REAL NOT NULL,
     PRIMARY KEY (model, kind, holder)
 );
+CREATE INDEX IF NOT EXISTS pins_by_holder ON pins(holder);
 CREATE TABLE IF NOT EXISTS refs (
     ref         TEXT PRIMARY KEY,
     digest      TEXT NOT NULL,
@@ -282,6 +283,12 @@ class Index:
                 "SELECT model, kind, holder FROM pins WHERE model = ? ORDER BY kind, holder",
                 (digest,),
             )
+        return [(str(m), str(k), str(h)) for m, k, h in rows]
+
+    def pins_of(self, holder: str) -> list[tuple[str, str, str]]:
+        rows = self.query(
+            "SELECT model, kind, holder FROM pins WHERE holder = ? ORDER BY model, kind", (holder,)
+        )
         return [(str(m), str(k), str(h)) for m, k, h in rows]
 
     def ref_digest(self, ref: str) -> str | None:

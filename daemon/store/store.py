@@ -27,6 +27,7 @@ from pathlib import Path
 from weightcache.daemon.config import StoreConfig
 from weightcache.daemon.errors import DigestMismatch, InsufficientSpace
 from weightcache.daemon.hashing import Fingerprint
+from weightcache.daemon.store.catalog import Pin
 from weightcache.daemon.store.index import BlobRow, Index, ModelRow
 from weightcache.daemon.store.layout import (
     Layout,
@@ -396,6 +397,13 @@ class Store:
 
     def pins(self, digest: str | None = None) -> list[tuple[str, str, str]]:
         return self.index.pins(digest)
+
+    def pins_of(self, holder: str) -> list[Pin]:
+        return [Pin(*row) for row in self.index.pins_of(holder)]
+
+    @property
+    def models_dir(self) -> Path:
+        return self.layout.models
 
     # -- capacity ------------------------------------------------------------------------------
 
