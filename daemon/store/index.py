@@ -145,6 +145,13 @@ class Index:
             path, timeout=30.0, check_same_thread=False, isolation_level=None
         )
         self._lock = threading.RLock()
+        # Reads go through a second connection: in WAL mode they never wait for a writer,
+        # so a publish's lookup does not queue behind a fetch's commit and its fsync.
+        self._reader = sqlite3.connect(
+            path, timeout=30.0, check_same_thread=False, isolation_level=None
+        )
+        self._read_lock = threading.Lock()
+        self._in_tx = threading.local()
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
@@ -169,24 +176,41 @@ class Index:
             )
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._reader.close()
             self._conn.close()
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction (a write lock across processes)."""
+    def tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction (a write lock across processes). ``durable=False`` is for
+        soft state that something else re-derives after a crash of the machine (pins: the
+        mount table and the cluster; progress; last use): its commit is not fsynced on its
+        own (WAL, synchronous=NORMAL) but by the next durable commit or checkpoint, so it
+        never waits for the disk behind a fetch's writes. A killed process loses nothing."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            depth = getattr(self._in_tx, "depth", 0)
+            self._in_tx.depth = depth + 1
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            finally:
+                self._in_tx.depth = depth
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous=FULL")
 
     def query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
-            return list(self._conn.execute(sql, args))
+        if getattr(self._in_tx, "depth", 0):  # inside this thread's transaction: its view
+            with self._lock:
+                return list(self._conn.execute(sql, args))
+        with self._read_lock:
+            return list(self._reader.execute(sql, args))
 
     def scalar(self, sql: str, args: Sequence[object] = ()) -> int:
         """The first column of the first row as an int (0 when NULL or no row)."""
@@ -222,7 +246,7 @@ class Index:
             )
 
     def set_progress(self, digest: str, done: int, total: int, rate: float, error: str) -> None:
-        with self.tx() as c:
+        with self.tx(durable=False) as c:
             c.execute(
                 "UPDATE models SET bytes_done = ?, bytes_total = ?, rate = ?, error = ?"
                 " WHERE digest = ?",
@@ -236,7 +260,7 @@ class Index:
             )
 
     def touch(self, digest: str) -> None:
-        with self.tx() as c:
+        with self.tx(durable=False) as c:
             c.execute("UPDATE models SET last_used = ? WHERE digest = ?", (time.time(), digest))
 
     def model_files(self, digest: str) -> list[tuple[str, str]]:
@@ -447,7 +471,7 @@ class Index:
     def pin(self, digest: str, kind: str, holder: str) -> None:
         """Idempotent; a pin is a use: last_used moves in the same transaction."""
         now = time.time()
-        with self.tx() as c:
+        with self.tx(durable=False) as c:
             c.execute(
                 "INSERT OR IGNORE INTO pins(model, kind, holder, created_at) VALUES (?, ?, ?, ?)",
                 (digest, kind, holder, now),
@@ -455,7 +479,7 @@ class Index:
             c.execute("UPDATE models SET last_used = ? WHERE digest = ?", (now, digest))
 
     def unpin(self, digest: str, kind: str, holder: str) -> None:
-        with self.tx() as c:
+        with self.tx(durable=False) as c:
             c.execute(
                 "DELETE FROM pins WHERE model = ? AND kind = ? AND holder = ?",
                 (digest, kind, holder),
