@@ -64,6 +64,7 @@ def test_publish_latency_smoke(tmp_path: Path) -> None:
         "publish_latency.py",
         *("--small-gib", "0.01", "--large-gib", "0.05"),
         *("--small-files", "2", "--large-files", "8", "--calls", "20"),
+        *("--load-files", "2", "--load-mib", "64"),
         *("--workdir", str(tmp_path)),
     )
     assert isinstance(rows, list)
@@ -74,10 +75,14 @@ def test_publish_latency_smoke(tmp_path: Path) -> None:
         "NodeUnpublishVolume",
         "NodePublishVolume",
         "NodeUnpublishVolume",
+        "NodePublishVolume",
     ]
+    assert calls[-1]["name"].endswith("under load")
     for r in calls:
-        assert r["calls"] == 20
+        assert 1 <= r["calls"] <= 20
         assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+    assert "publish p99, idle" in table and "publish p99, under load" in table
+    assert ("PASS" in table or "MISS" in table) and "MB/s (alone:" in table
     copies = [n for n in by_name if n.startswith("cp -r + sync")]
     floors = [n for n in by_name if n.startswith("network floor")]
     assert len(copies) == 2 and any("extrapolated" in n for n in copies)
