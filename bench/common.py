@@ -1,8 +1,16 @@
-"""Shared benchmark plumbing: timed, RSS-measured subprocess runs and a side-by-side table."""
+"""Shared benchmark plumbing: timed, RSS- and CPU-measured subprocess runs and a side-by-side
+table.
+
+CPU seconds are user + system time of the contender's own processes (the children reaped
+during its run, from ``getrusage(RUSAGE_CHILDREN)`` deltas) or, for an in-process contender, of
+this process (:func:`cpu_self`). Kernel work done on nobody's behalf (writeback by kworkers,
+softirq network processing) is in no one's figure, for every contender alike.
+"""
 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import subprocess
 import sys
@@ -15,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = ROOT / ".venv-peers"
 MB = 1_000_000
+GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -25,10 +34,28 @@ class Result:
     peak_rss: int
     """Bytes: the largest resident set among the processes of the run."""
     note: str = ""
+    cpu_seconds: float = 0.0
+    """User + system seconds the contender's processes (or threads) spent; 0: not measured."""
 
     @property
     def mb_s(self) -> float:
         return self.nbytes / MB / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_s_per_gib(self) -> float:
+        return self.cpu_seconds / (self.nbytes / GIB) if self.nbytes else 0.0
+
+
+def cpu_children() -> float:
+    """User + system seconds of every child reaped so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_self() -> float:
+    """User + system seconds of this process, all its threads."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def drop_caches() -> bool:
@@ -42,17 +69,24 @@ def drop_caches() -> bool:
 
 
 def run_parallel(
-    cmds: Sequence[Sequence[str]], env: dict[str, str] | None = None, cwd: Path | None = None
+    cmds: Sequence[Sequence[str]],
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    *,
+    cpu: list[float] | None = None,
 ) -> tuple[float, int]:
-    """Run commands at once; return (wall seconds, peak RSS bytes of any of them).
+    """Run commands at once; return (wall seconds, peak RSS bytes of any of them), and append
+    the CPU seconds (user + system) of all of them to ``cpu`` when given.
 
     Each command runs under GNU time, whose own small image is what the child starts from, so
-    the reported maximum RSS is the command's and not this Python process's before exec."""
+    the reported maximum RSS is the command's and not this Python process's before exec (GNU
+    time's own CPU, a millisecond, is in the CPU figure)."""
     gnu_time = shutil.which("time", path="/usr/bin") or "/usr/bin/time"
     if not Path(gnu_time).exists():
         raise SystemExit("GNU time is missing: apt-get install -y time")
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"rss{i}" for i in range(len(cmds))]
+        cpu_before = cpu_children()
         started = time.perf_counter()
         procs = [
             subprocess.Popen(
@@ -73,6 +107,8 @@ def run_parallel(
                     f"{err.decode(errors='replace')[-2000:]}"
                 )
         elapsed = time.perf_counter() - started
+        if cpu is not None:
+            cpu.append(cpu_children() - cpu_before)
         if errors:
             raise RuntimeError("\n".join(errors))
         peak = max(int(o.read_text().split()[-1]) * 1024 for o in outs)
@@ -88,13 +124,16 @@ def measure(
     env: dict[str, str] | None = None,
     then: Sequence[str] | None = None,
 ) -> Result:
-    """Drop caches, run ``cmds`` in parallel (then ``then``, inside the timing)."""
+    """Drop caches, run ``cmds`` in parallel (then ``then``, inside the timing and the CPU
+    figure)."""
     drop_caches()
+    cpu_before = cpu_children()
     started = time.perf_counter()
     _, peak = run_parallel(cmds, env=env)
     if then:
         subprocess.run(list(then), check=True)
-    return Result(name, time.perf_counter() - started, nbytes, peak, note)
+    seconds = time.perf_counter() - started
+    return Result(name, seconds, nbytes, peak, note, cpu_children() - cpu_before)
 
 
 def peer_python() -> str:
@@ -124,13 +163,14 @@ def table(
     ratio_header: str = "weightcache / it",
 ) -> str:
     """Rows side by side. The ratio column is ours' rate over each row's, or with ``baseline``
-    each row's rate over the baseline's. A peak RSS of 0 (not measured) shows as ``-``."""
+    each row's rate over the baseline's. A peak RSS or CPU time of 0 (not measured) shows as
+    ``-``."""
     lines = [title, ""]
     lines.append(
         f"| {'contender':44} | {'seconds':>8} | {'MB/s':>8} | {ratio_header:>16} "
-        f"| {'peak RSS MB':>11} |"
+        f"| {'peak RSS MB':>11} | {'CPU s/GiB':>9} |"
     )
-    lines.append(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 18}|{'-' * 13}|")
+    lines.append(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 18}|{'-' * 13}|{'-' * 11}|")
     for r in [ours, *others]:
         if baseline is None:
             ratio = ours.mb_s / r.mb_s if r.mb_s else 0.0
@@ -138,7 +178,10 @@ def table(
             ratio = r.mb_s / baseline.mb_s if baseline.mb_s else 0.0
         label = r.name + (f" ({r.note})" if r.note else "")
         rss = f"{r.peak_rss / MB:11.0f}" if r.peak_rss else f"{'-':>11}"
-        lines.append(f"| {label:44} | {r.seconds:8.2f} | {r.mb_s:8.0f} | {ratio:15.2f}x | {rss} |")
+        cpu = f"{r.cpu_s_per_gib:9.2f}" if r.cpu_seconds else f"{'-':>9}"
+        lines.append(
+            f"| {label:44} | {r.seconds:8.2f} | {r.mb_s:8.0f} | {ratio:15.2f}x | {rss} | {cpu} |"
+        )
     return "\n".join(lines)
 
 
@@ -166,7 +209,9 @@ def report(
         print(
             json.dumps(
                 [
-                    r.__dict__ | {"mb_s": r.mb_s} | dict(extra.get(r.name, {}))
+                    r.__dict__
+                    | {"mb_s": r.mb_s, "cpu_s_per_gib": r.cpu_s_per_gib}
+                    | dict(extra.get(r.name, {}))
                     for r in [ours, *others]
                 ]
             )

@@ -10,19 +10,29 @@ block) is written to a source dir and fetched into a real Store with the project
 each after the page cache is dropped, over the same blob files (``Store.blob_path`` of every sha
 in ``Store.scrub_order()``):
 
-  cat > /dev/null          buffered reads with the kernel's readahead: the target's baseline
-  dd bs=16M iflag=direct   the raw O_DIRECT read, one 16 MiB request at a time, as the scrubber
+  cat > /dev/null          buffered reads with the kernel's readahead
+  dd bs=16M iflag=direct   the raw O_DIRECT read, one 16 MiB request at a time
   weightcache scrub        one ``Scrubber.scrub_pass()`` in-process, no cap (bytes_per_s=0)
   weightcache scrub, cap   the same with ``--cap-mib``; achieved rate / cap (target within 10%)
 
-Targets: uncapped scrub >= 0.8x cat, and the capped rate within 10% of the cap. The verdicts are
-printed on stderr beside the table; ``--json`` prints the rows on stdout.
+After each contender, ``fincore`` counts the blob pages left in the page cache (cat fills it; a
+scrub must not). CPU seconds per GiB are the children's (cat, dd) or this process's, all threads
+(the scrubs).
+
+The uncapped readers run ``--rounds`` times (default 2), in reverse order every other round, and
+each keeps its best run: the virtual disk's host caches what was just written or read, which
+favours whoever reads first.
+
+Targets: uncapped scrub >= 0.8x the faster of cat and dd in this run, the scrub leaves at most
+1% of what it read in the page cache, and the capped rate is within 10% of the cap. The verdicts
+are printed on stderr beside the table; ``--json`` prints the rows on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MB, Result, drop_caches, measure, output_arguments, report, say
+from common import MB, Result, cpu_self, drop_caches, measure, output_arguments, report, say
 from publish_latency import write_real
 
 from weightcache.app.wiring import build_fetcher
@@ -42,8 +52,10 @@ from weightcache.daemon.store.verify import Problem
 
 GIB = 1024**3
 MIB = 1024**2
-TARGET_VS_CAT = 0.8
+TARGET_VS_BEST = 0.8
 CAP_TOLERANCE = 0.10
+CACHED_AT_MOST = 0.01
+"""Share of the bytes a scrub read that may be left in the page cache."""
 
 
 def arguments() -> argparse.Namespace:
@@ -57,10 +69,17 @@ def arguments() -> argparse.Namespace:
         help="scrub cap in MiB/s for the capped pass (default 200, below the disk's rate; "
         "halved to half the uncapped rate if the disk is slower)",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="uncapped runs of each reader, order reversed every other round; the best is kept "
+        "(default 2)",
+    )
     output_arguments(ap, keep=True)
     args = ap.parse_args()
-    if args.gib <= 0 or args.files < 1 or args.cap_mib <= 0:
-        ap.error("--gib and --cap-mib must be positive, --files at least 1")
+    if args.gib <= 0 or args.files < 1 or args.cap_mib <= 0 or args.rounds < 1:
+        ap.error("--gib and --cap-mib must be positive, --files and --rounds at least 1")
     return args
 
 
@@ -81,9 +100,11 @@ def scrub(store: Store, bytes_per_s: int, name: str, note: str = "") -> Result:
     scrubber = Scrubber(
         store, repairs.extend, ScrubConfig(bytes_per_s=bytes_per_s), stop=threading.Event()
     )
+    cpu_before = cpu_self()
     started = time.perf_counter()
     result = scrubber.scrub_pass()
     seconds = time.perf_counter() - started
+    cpu = cpu_self() - cpu_before
     assert result.complete, "the scrub pass stopped part-way"
     assert result.problems == [], f"the scrub found problems: {result.problems[:3]}"
     assert repairs == [], f"the scrub started repairs: {repairs[:3]}"
@@ -91,7 +112,20 @@ def scrub(store: Store, bytes_per_s: int, name: str, note: str = "") -> Result:
         f"bench: {name}: {result.files} files, {result.bytes / MB:.0f} MB in {seconds:.2f} s "
         f"({result.bytes / MB / seconds:.0f} MB/s), no problems, no repairs"
     )
-    return Result(name, seconds, result.bytes, 0, note)
+    return Result(name, seconds, result.bytes, 0, note, cpu)
+
+
+def cached_bytes(paths: list[str]) -> int:
+    """Bytes of ``paths`` resident in the page cache (util-linux fincore, i.e. mincore(2))."""
+    if shutil.which("fincore") is None:
+        raise SystemExit("fincore is missing: apt-get install -y util-linux")
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", *paths],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return sum(int(v) for v in out.split())
 
 
 def main() -> int:
@@ -114,21 +148,30 @@ def main() -> int:
         held = sum(Path(p).stat().st_size for p in paths)
         assert len(paths) == args.files and held == nbytes, (len(paths), held)
 
-        cat = measure("cat > /dev/null", [["sh", "-c", 'cat "$@" > /dev/null', "sh", *paths]], held)
-        dd = measure(
-            "dd bs=16M iflag=direct",
-            [
-                [
-                    "sh",
-                    "-c",
-                    'for f; do dd if="$f" of=/dev/null bs=16M iflag=direct status=none; done',
-                    "sh",
-                    *paths,
-                ]
-            ],
-            held,
-        )
-        uncapped = scrub(store, 0, "weightcache scrub, no cap", "in-process")
+        cached: dict[str, int] = {}
+        dd_loop = 'for f; do dd if="$f" of=/dev/null bs=16M iflag=direct status=none; done'
+        contenders = {
+            "cat > /dev/null": lambda: measure(
+                "cat > /dev/null", [["sh", "-c", 'cat "$@" > /dev/null', "sh", *paths]], held
+            ),
+            "dd bs=16M iflag=direct": lambda: measure(
+                "dd bs=16M iflag=direct", [["sh", "-c", dd_loop, "sh", *paths]], held
+            ),
+            "weightcache scrub, no cap": lambda: scrub(
+                store, 0, "weightcache scrub, no cap", "in-process"
+            ),
+        }
+        # The virtual disk's host may cache what was just written or read: each contender runs
+        # once per round, the order reversed in every other round, and keeps its best.
+        best_of: dict[str, Result] = {}
+        for round_ in range(args.rounds):
+            order = list(contenders) if round_ % 2 == 0 else list(reversed(contenders))
+            for name in order:
+                got = contenders[name]()
+                cached[name] = max(cached.get(name, 0), cached_bytes(paths))
+                if name not in best_of or got.mb_s > best_of[name].mb_s:
+                    best_of[name] = got
+        cat, dd, uncapped = best_of.values()
 
         cap = int(args.cap_mib * MIB)
         cap_note = f"cap {cap / MIB:g} MiB/s"
@@ -140,29 +183,41 @@ def main() -> int:
                 f"{args.cap_mib:g}: capping at half the uncapped rate, {cap / MIB:.0f} MiB/s"
             )
         capped = scrub(store, cap, "weightcache scrub, capped", cap_note)
+        cached[capped.name] = cached_bytes(paths)
 
-        vs_cat = uncapped.mb_s / cat.mb_s
+        best = max(cat, dd, key=lambda r: r.mb_s)
+        vs_best = uncapped.mb_s / best.mb_s
         of_cap = capped.nbytes / capped.seconds / cap
         within = abs(of_cap - 1) <= CAP_TOLERANCE
+        left = max(cached[uncapped.name], cached[capped.name])
+        cache_ok = left <= CACHED_AT_MOST * held
         title = (
             f"Scrub of a warmed {held / GIB:g} GiB model in {len(paths)} files beside reading "
             "the same blob files; page cache dropped before each."
         )
+        extra: dict[str, dict[str, object]] = {
+            name: {"cached_after_bytes": n} for name, n in cached.items()
+        }
+        extra[capped.name] |= {"cap_bytes_per_s": cap, "within_10pct": within}
+        extra[uncapped.name] |= {"vs_best": vs_best, "best": best.name}
         report(
             title,
             cat,
             [dd, uncapped, capped],
             args.json,
-            baseline=cat,
-            ratio_header="it / cat",
-            extra={
-                capped.name: {"cap_bytes_per_s": cap, "within_10pct": within},
-                uncapped.name: {"vs_cat": vs_cat},
-            },
+            baseline=best,
+            ratio_header="it / best reader",
+            extra=extra,
+        )
+        for name, n in cached.items():
+            say(f"page cache after {name}: {n / MIB:.0f} MiB of the {held / MIB:.0f} MiB read")
+        say(
+            f"uncapped scrub / {best.name} (the faster reader): {vs_best:.2f}x "
+            f"(target >= {TARGET_VS_BEST}x): {'PASS' if vs_best >= TARGET_VS_BEST else 'MISS'}"
         )
         say(
-            f"uncapped scrub / cat: {vs_cat:.2f}x (target >= {TARGET_VS_CAT}x): "
-            f"{'PASS' if vs_cat >= TARGET_VS_CAT else 'MISS'}"
+            f"scrub left {left / MIB:.1f} MiB in the page cache (target <= "
+            f"{CACHED_AT_MOST:.0%} of {held / MIB:.0f} MiB): {'PASS' if cache_ok else 'MISS'}"
         )
         say(
             f"capped scrub: {capped.nbytes / capped.seconds / MIB:.1f} MiB/s for a cap of "

@@ -113,8 +113,18 @@ def test_scrub_smoke(tmp_path: Path) -> None:
     nbytes = int(0.03 * 1024**3)
     for r in rows:
         assert r["nbytes"] == nbytes and r["seconds"] > 0 and r["mb_s"] > 0
+        assert r["cpu_seconds"] > 0 and r["cpu_s_per_gib"] > 0
     capped = by_name["weightcache scrub, capped"]
     assert 0 < capped["cap_bytes_per_s"] <= 20 * 1024**2
     assert isinstance(capped["within_10pct"], bool)
-    assert "it / cat" in table and ("PASS" in table or "MISS" in table)
+    assert by_name["weightcache scrub, no cap"]["best"] in (
+        "cat > /dev/null",
+        "dd bs=16M iflag=direct",
+    )
+    # cat fills the page cache with the blobs; the O_DIRECT scrub leaves none of them there
+    assert by_name["cat > /dev/null"]["cached_after_bytes"] > 0
+    assert by_name["weightcache scrub, no cap"]["cached_after_bytes"] == 0
+    assert by_name["weightcache scrub, capped"]["cached_after_bytes"] == 0
+    assert "it / best reader" in table and "CPU s/GiB" in table
+    assert "page cache" in table and ("PASS" in table or "MISS" in table)
     assert list(tmp_path.iterdir()) == []  # the bench's temp dir is gone
