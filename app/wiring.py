@@ -8,7 +8,8 @@ from typing import Any
 from weightcache.daemon.config import Config, RegistryConfig
 from weightcache.daemon.fetcher import Fetcher, ProgressCallback
 from weightcache.daemon.metrics import Metrics
-from weightcache.daemon.policy import Policy
+from weightcache.daemon.policy import Policy, SignatureAdmission
+from weightcache.daemon.signing.gate import SignatureGate, load_trust
 from weightcache.daemon.sources import Sources
 from weightcache.daemon.sources.credentials import DockerConfigFile
 from weightcache.daemon.sources.local import LocalSource
@@ -65,18 +66,32 @@ def build_fetcher(
     on_progress: ProgressCallback | None = None,
     metrics: Metrics | None = None,
 ) -> Fetcher:
+    """The fetcher, with the signing rules' keys read here (a key that cannot be used is a
+    ConfigError before anything runs); its ``signatures`` go to :func:`build_policy`."""
+    store = store or Store(config.store)
     return Fetcher(
-        store or Store(config.store),
+        store,
         build_sources(config),
         config.fetch,
         stop=stop,
         on_progress=on_progress,
         metrics=metrics,
+        signatures=build_signatures(config, store),
     )
 
 
-def build_policy(config: Config, sources: Sources) -> Policy:
-    """The tenant policy; ``sources`` tell whether a model is public (the fetcher's)."""
+def build_signatures(config: Config, store: Store) -> SignatureGate | None:
+    """The signing rules over ``store``; None when no rule is configured."""
+    if not config.signing.rules:
+        return None
+    return SignatureGate(store, load_trust(config.signing))
+
+
+def build_policy(
+    config: Config, sources: Sources, signatures: SignatureAdmission | None = None
+) -> Policy:
+    """The tenant policy; ``sources`` tell whether a model is public (the fetcher's);
+    ``signatures`` (the fetcher's) makes publish and warm obey the signing rules too."""
     return Policy(
         config.policy,
         RegistryAccess(config.registry, config.fetch.timeout_s),
@@ -86,4 +101,5 @@ def build_policy(config: Config, sources: Sources) -> Policy:
             config.csi.kubelet_dir,
             *([config.registry.docker_config.parent] if config.registry.docker_config else []),
         ),
+        signatures=signatures,
     )

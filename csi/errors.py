@@ -17,6 +17,7 @@ from weightcache.daemon.errors import (
     UnsupportedManifest,
     WeightcacheError,
 )
+from weightcache.daemon.signing import SignatureInvalid, SignatureMissing
 
 
 class InvalidArgument(WeightcacheError, ValueError):
@@ -48,6 +49,10 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    # Before PolicyDenied, their base: the pod may have the model, the model does not meet
+    # the node's signing rule; it will not until it is re-signed or the rule changes.
+    (SignatureMissing, grpc.StatusCode.FAILED_PRECONDITION),
+    (SignatureInvalid, grpc.StatusCode.FAILED_PRECONDITION),
     (PolicyDenied, grpc.StatusCode.PERMISSION_DENIED),
     (InsufficientSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FetchInProgress, grpc.StatusCode.UNAVAILABLE),

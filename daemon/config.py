@@ -184,6 +184,33 @@ class ScrubConfig:
     """Wait before the next pass when the store holds nothing to check."""
 
 
+SIGNING_MODES = ("require", "warn", "off")
+
+
+@dataclass(frozen=True)
+class SigningRule:
+    """Which signatures the models a rule matches must carry."""
+
+    models: tuple[str, ...] = ()
+    """fnmatch patterns over the canonical reference (``*`` also matches ``/``)."""
+    mode: str = "off"
+    """``require``: unsigned or invalid is never cached or mounted; ``warn``: cached and
+    marked; ``off``: not checked."""
+    public_keys: tuple[Path, ...] = ()
+    """PEM public keys (elliptic curve) trusted for OMS ``model.sig`` and cosign signatures."""
+    certificate_chains: tuple[Path, ...] = ()
+    """PEM certificate files (roots and intermediates) trusted for OMS certificate
+    signatures."""
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    """Model signatures: the first rule matching the canonical reference decides; with no
+    matching rule a model is not checked (``off``)."""
+
+    rules: tuple[SigningRule, ...] = ()
+
+
 @dataclass(frozen=True)
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -193,6 +220,7 @@ class Config:
     warm: WarmConfig = field(default_factory=WarmConfig)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
     csi: CsiConfig = field(default_factory=CsiConfig)
+    signing: SigningConfig = field(default_factory=SigningConfig)
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
@@ -246,7 +274,16 @@ def _coerce(default: Any, value: Any) -> Any:
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Build a validated :class:`Config` from a parsed TOML document."""
-    unknown = set(data) - {"store", "fetch", "registry", "policy", "warm", "scrub", "csi"}
+    unknown = set(data) - {
+        "store",
+        "fetch",
+        "registry",
+        "policy",
+        "warm",
+        "scrub",
+        "csi",
+        "signing",
+    }
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}")
     store = _build(StoreConfig, data.get("store", {}), "store")
@@ -276,6 +313,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         warm=_build(WarmConfig, data.get("warm", {}), "warm"),
         scrub=_build(ScrubConfig, data.get("scrub", {}), "scrub"),
         csi=_build(CsiConfig, data.get("csi", {}), "csi"),
+        signing=_signing(data.get("signing", {})),
     )
     validate(config)
     return config
@@ -306,6 +344,46 @@ def _policy(data: Mapping[str, Any]) -> PolicyConfig:
             raise ConfigError(f"[policy] file_roots: {text!r} is not an absolute path")
         roots.append(Path(text))
     return replace(base, rules=tuple(rules), file_roots=tuple(roots))
+
+
+def _signing(data: Any) -> SigningConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("[signing]: expected a table")
+    raw = dict(data)
+    rules_raw = raw.pop("rules", [])
+    _build(SigningConfig, raw, "signing")  # refuses unknown settings
+    if not isinstance(rules_raw, list):
+        raise ConfigError("[signing] rules: expected [[signing.rules]] tables")
+    rules = []
+    for i, entry in enumerate(rules_raw):
+        where = f"signing.rules[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"[{where}]: expected a table")
+        rule: SigningRule = _build(SigningRule, entry, where)
+        if not rule.models or not all(isinstance(m, str) and m for m in rule.models):
+            raise ConfigError(f"[{where}]: models must list non-empty patterns")
+        if rule.mode not in SIGNING_MODES:
+            raise ConfigError(
+                f"[{where}] mode must be one of {', '.join(SIGNING_MODES)}, not {rule.mode!r}"
+            )
+        paths: dict[str, tuple[Path, ...]] = {}
+        for name in ("public_keys", "certificate_chains"):
+            checked = []
+            for item in getattr(rule, name):  # the list as written: strings, until checked
+                text: object = item
+                if not isinstance(text, str) or not text.startswith("/"):
+                    raise ConfigError(f"[{where}] {name}: {text!r} is not an absolute path")
+                checked.append(Path(text))
+            paths[name] = tuple(checked)
+        rule = replace(
+            rule, public_keys=paths["public_keys"], certificate_chains=paths["certificate_chains"]
+        )
+        if rule.mode != "off" and not (rule.public_keys or rule.certificate_chains):
+            raise ConfigError(
+                f"[{where}]: mode {rule.mode!r} needs public_keys or certificate_chains to trust"
+            )
+        rules.append(rule)
+    return SigningConfig(rules=tuple(rules))
 
 
 def _aliases(data: Any) -> dict[str, str]:

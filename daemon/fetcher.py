@@ -46,6 +46,7 @@ from weightcache.daemon.plan import ModelPlan, RemoteArchive, RemoteFile
 from weightcache.daemon.ratelimit import RateLimiter
 from weightcache.daemon.references import ModelRef, OciRef, parse_reference
 from weightcache.daemon.retry import with_retries
+from weightcache.daemon.signing import SignatureCheck
 from weightcache.daemon.sources import Sources
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.staging import stage_stream
@@ -140,8 +141,12 @@ class Fetcher:
         stop: threading.Event | None = None,
         on_progress: ProgressCallback | None = None,
         metrics: Metrics | None = None,
+        signatures: SignatureCheck | None = None,
     ) -> None:
+        """``signatures`` verifies a model's signature before it is installed (and refuses it
+        by raising); None checks none."""
         self.store = store
+        self.signatures = signatures
         self.metrics = metrics or Metrics()
         self.sources = sources
         self.config = config
@@ -382,6 +387,8 @@ class Fetcher:
             for path, sha in tree.files.items():
                 ingest.link(path, sha)
             keep |= set(tree.files)
+        if self.signatures is not None:
+            self.signatures.verify_fetch(plan.ref, plan.digest, keep)
         ingest.install(keep)
 
     def _transfer(

@@ -12,6 +12,8 @@ warm controller alike, before any fetch is started on a tenant's behalf:
    own pull secret opens the manifest at the origin (the kubelet's "ensure secret pulled
    images" rule). A model never fetched is asked of its origin without credentials.
 4. A pull secret the volume carries must open the manifest, whatever granted the namespace.
+5. Then the signing rules (:mod:`weightcache.daemon.signing.gate`): a ready model must satisfy
+   the rule matching it now, verified again if the rule changed since it was fetched.
 
 A registry's answer to a pull secret is remembered for ``credential_cache_s``.
 """
@@ -48,6 +50,15 @@ class AccessCheck(Protocol):
         ...
 
 
+class SignatureAdmission(Protocol):
+    """The signature half of the decision (real: ``signing.gate.SignatureGate``)."""
+
+    def admit(self, ref: ModelRef, cached: ModelRow | None) -> None:
+        """Raise a :class:`PolicyDenied` (``SignatureMissing``, ``SignatureInvalid``) when the
+        signing rule refuses the cached model; it may verify it again."""
+        ...
+
+
 PublicCheck = Callable[[ModelRef, str], bool]
 """``(ref, manifest)`` -> whether the origin serves it without credentials."""
 
@@ -60,9 +71,12 @@ class Policy:
         public: PublicCheck,
         protected: Sequence[Path] = (),
         clock: Callable[[], float] = time.monotonic,
+        signatures: SignatureAdmission | None = None,
     ) -> None:
         """``protected``: directories no ``file://`` model may lie in or contain (the store,
-        the kubelet's directory, the agent's socket directory)."""
+        the kubelet's directory, the agent's socket directory). ``signatures``: the signing
+        rules, checked after the tenant's rights (None: no signature is asked for)."""
+        self._signatures = signatures
         self._config = config
         self._access = access
         self._public = public
@@ -104,16 +118,17 @@ class Policy:
             raise PolicyDenied(f"no policy rule allows model {ref} on this node")
         if secrets and isinstance(ref, OciRef):
             self._check_credentials(ref, cached.digest if cached else ref.reference, secrets)
-            return
-        if rule is not None and rule.require_pull_secret:
+        elif rule is not None and rule.require_pull_secret:
             raise PolicyDenied(
                 f"model {ref}: pull-secret checks are only possible for oci:// models"
             )
-        if rule is None and not self._is_public(ref, cached):
+        elif rule is None and not self._is_public(ref, cached):
             raise PolicyDenied(
                 f"model {ref} needs credentials on this node: no policy rule grants it to "
                 f"namespace {namespace!r}, and the pod brings no pull secret that opens it"
             )
+        if self._signatures is not None:
+            self._signatures.admit(ref, cached)
 
     def _is_public(self, ref: ModelRef, cached: ModelRow | None) -> bool:
         if cached is not None:

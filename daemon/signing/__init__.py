@@ -3,10 +3,13 @@ of OCI manifests, verified against the keys a ``[[signing.rules]]`` entry trusts
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
-from weightcache.daemon.errors import WeightcacheError
+from weightcache.daemon.errors import PolicyDenied
+from weightcache.daemon.references import ModelRef
 
 
 class SignatureStatus(StrEnum):
@@ -39,5 +42,25 @@ class SignatureResult:
     """Why it is not verified, in words a tenant may read (no node path, no remote body)."""
 
 
-class SignatureInvalid(WeightcacheError):
-    """A signature is present but does not verify against a trusted key for this model."""
+class SignatureInvalid(PolicyDenied):
+    """A signature is present but does not verify against a trusted key for this model.
+
+    A policy refusal (the warm controller treats it as one); the CSI code is its own."""
+
+
+class SignatureMissing(PolicyDenied):
+    """A ``require`` rule matches the model and it carries no signature."""
+
+
+SIGNATURE_FILE = "model.sig"
+"""Where an OMS signature lies in a model's tree."""
+
+
+class SignatureCheck(Protocol):
+    """What the fetcher asks before it installs a model (real: ``gate.SignatureGate``)."""
+
+    def verify_fetch(self, ref: ModelRef, digest: str, paths: Collection[str]) -> SignatureResult:
+        """Verify the files ``paths`` of model ``digest`` as the store committed them, record
+        the result, and raise (:class:`SignatureMissing`, :class:`SignatureInvalid`) when the
+        rule refuses the model."""
+        ...

@@ -41,7 +41,12 @@ CREATE TABLE IF NOT EXISTS models (
     trust       TEXT NOT NULL DEFAULT 'digest',
     repair_reason    TEXT NOT NULL DEFAULT '',
     repair_error     TEXT NOT NULL DEFAULT '',
-    repair_failed_at REAL NOT NULL DEFAULT 0
+    repair_failed_at REAL NOT NULL DEFAULT 0,
+    signature        TEXT NOT NULL DEFAULT 'unchecked',
+    signature_scheme TEXT NOT NULL DEFAULT '',
+    signature_signer TEXT NOT NULL DEFAULT '',
+    signature_detail TEXT NOT NULL DEFAULT '',
+    signature_trust  TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS blobs (
     sha256      TEXT PRIMARY KEY,
@@ -112,6 +117,17 @@ class ModelRow:
     """The last repair failure in full (the operator's view)."""
     repair_failed_at: float
     """When it failed (epoch seconds), 0 when no failure stands."""
+    signature: str = "unchecked"
+    """:class:`~weightcache.daemon.signing.SignatureStatus` of the last check."""
+    signature_scheme: str = ""
+    """``oms`` or ``cosign`` when a signature was found."""
+    signature_signer: str = ""
+    """The trusted key or certificate file that verified it."""
+    signature_detail: str = ""
+    """Why it is not verified (tenant-readable)."""
+    signature_trust: str = ""
+    """Fingerprint of the keys and certificates the check trusted: a rule trusting other
+    ones makes the next publish or warm check it again."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,11 @@ class Index:
                 ("repair_reason", "TEXT NOT NULL DEFAULT ''"),
                 ("repair_error", "TEXT NOT NULL DEFAULT ''"),
                 ("repair_failed_at", "REAL NOT NULL DEFAULT 0"),
+                ("signature", "TEXT NOT NULL DEFAULT 'unchecked'"),
+                ("signature_scheme", "TEXT NOT NULL DEFAULT ''"),
+                ("signature_signer", "TEXT NOT NULL DEFAULT ''"),
+                ("signature_detail", "TEXT NOT NULL DEFAULT ''"),
+                ("signature_trust", "TEXT NOT NULL DEFAULT ''"),
             )
             for name, definition in added:
                 if name not in columns:
@@ -257,6 +278,17 @@ class Index:
         with self.tx() as c:
             c.execute(
                 "UPDATE models SET state = ?, error = ? WHERE digest = ?", (state, error, digest)
+            )
+
+    def set_signature(
+        self, digest: str, status: str, scheme: str, signer: str, detail: str, trust: str
+    ) -> None:
+        """Record the outcome of a signature check with the model."""
+        with self.tx() as c:
+            c.execute(
+                "UPDATE models SET signature = ?, signature_scheme = ?, signature_signer = ?,"
+                " signature_detail = ?, signature_trust = ? WHERE digest = ?",
+                (status, scheme, signer, detail, trust, digest),
             )
 
     def touch(self, digest: str) -> None:
