@@ -26,6 +26,7 @@ from weightcache.daemon.fetcher import Fetcher, Progress
 from weightcache.daemon.kube.naming import LABEL_VALUE, label_key
 from weightcache.daemon.references import ModelRef, parse_reference
 from weightcache.daemon.repair import Repairer
+from weightcache.daemon.signing import SignatureStatus
 from weightcache.daemon.store.index import ModelRow
 from weightcache.daemon.store.states import ModelState, Trust
 from weightcache.daemon.store.store import Store
@@ -148,6 +149,15 @@ def _model_json(row: ModelRow, store: Store) -> dict[str, Any]:
     return out
 
 
+def signature_mark(row: ModelRow) -> str:
+    """What ``ls`` and ``status`` say of a model a signing rule did not verify ('' otherwise)."""
+    if row.signature not in (SignatureStatus.UNSIGNED, SignatureStatus.INVALID):
+        return ""
+    return f"signature {row.signature}" + (
+        f": {row.signature_detail[:80]}" if row.signature_detail else ""
+    )
+
+
 def _eta(row: ModelRow) -> float | None:
     """Seconds left of a fetch in progress, from its recorded rate; None when unknown."""
     if row.state != ModelState.FETCHING or row.rate <= 0:
@@ -262,6 +272,9 @@ def ls(config: Config, json_out: bool) -> int:
                 detail = (
                     f"{detail} (trusted on first fetch)" if r.error else "trusted on first fetch"
                 )
+            mark = signature_mark(r)
+            if mark:
+                detail = mark if detail == "-" else f"{detail} ({mark})"
             size = r.size or r.bytes_total
             _result(
                 f"{r.digest[:19]} {r.state:9} {human_bytes(size):>10} {r.files:>6} {pins:>4}  "

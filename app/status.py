@@ -29,6 +29,7 @@ from weightcache.app.logs import RecentErrors
 from weightcache.daemon import __version__
 from weightcache.daemon.config import StoreConfig
 from weightcache.daemon.errors import WeightcacheError
+from weightcache.daemon.signing import SignatureStatus
 from weightcache.daemon.store.index import Index, ModelRow
 from weightcache.daemon.store.layout import Layout, dir_bytes
 from weightcache.daemon.store.states import ModelState, PinKind
@@ -183,6 +184,12 @@ def _model_doc(row: ModelRow, pins: int) -> dict[str, Any]:
         "pins": pins,
         "last_used": row.last_used,
         "error": row.error,
+        "signature": {
+            "status": row.signature,
+            "scheme": row.signature_scheme,
+            "signer": row.signature_signer,
+            "detail": row.signature_detail,
+        },
     }
     if row.state == ModelState.FETCHING:
         doc["progress"] = {
@@ -265,6 +272,11 @@ def render(doc: Mapping[str, Any], now: float | None = None) -> str:
             )
         if m["error"]:
             detail += f" error: {m['error'][:100]}"
+        sig = m.get("signature") or {}
+        if sig.get("status") in (SignatureStatus.UNSIGNED, SignatureStatus.INVALID):
+            detail += f" signature {sig['status']}" + (
+                f": {sig['detail'][:80]}" if sig.get("detail") else ""
+            )
         lines.append(
             f"    {m['digest'][:19]} {m['state']:8} {human_bytes(m['size_bytes']):>10} "
             f"pins {m['pins']}  {m['ref']}{detail}"

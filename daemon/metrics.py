@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector
 from weightcache.daemon import __version__
 from weightcache.daemon.config import PACED, ScrubConfig
 from weightcache.daemon.errors import WeightcacheError
+from weightcache.daemon.signing import SignatureStatus
 from weightcache.daemon.store.layout import dir_bytes
 from weightcache.daemon.store.states import ModelState, PinKind
 from weightcache.daemon.store.store import Store
@@ -303,6 +304,16 @@ class _StateCollector(Collector):
         for state in ("ready", "fetching", "corrupt", "failed"):
             count.add_metric([state], by_state[state])
         yield count
+        signed = GaugeMetricFamily(
+            "weightcache_models_signature",
+            "Ready models by signature status (unsigned or invalid ones are cached only under a "
+            "warn rule)",
+            labels=["status"],
+        )
+        ready = [row for row in models if row.state == ModelState.READY]
+        for status in SignatureStatus:
+            signed.add_metric([status], sum(1 for row in ready if row.signature == status))
+        yield signed
         fetching = [row for row in models if row.state == ModelState.FETCHING]
         yield GaugeMetricFamily(
             "weightcache_fetch_remaining_bytes",
