@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -502,3 +503,12 @@ def test_publish_of_an_unsigned_model_under_require_is_refused(
     assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.details()
     assert "is unsigned" in (refused.details() or "")
     assert "requires a trusted signature" in (refused.details() or "")
+
+
+def test_the_deployed_configs_signing_example_parses_when_uncommented(repo_root: Path) -> None:
+    text = (repo_root / "deploy" / "config.toml").read_text()
+    block = text[text.index("# [[signing.rules]]") :]
+    uncommented = "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    data = tomllib.loads(text.replace(block, uncommented))
+    (example,) = parse_config(data).signing.rules
+    assert example.mode == "require" and example.public_keys
