@@ -128,3 +128,29 @@ def test_scrub_smoke(tmp_path: Path) -> None:
     assert "it / best reader" in table and "CPU s/GiB" in table
     assert "page cache" in table and ("PASS" in table or "MISS" in table)
     assert list(tmp_path.iterdir()) == []  # the bench's temp dir is gone
+
+
+@pytest.mark.bench
+def test_signing_smoke(tmp_path: Path) -> None:
+    rows, table = _bench(
+        "signing.py",
+        *("--shards", "3", "--shard-mib", "2", "--repeats", "3"),
+        "--workdir",
+        str(tmp_path),
+    )
+    assert isinstance(rows, list)
+    figures = {r["name"]: r["seconds"] for r in rows if "name" in r}
+    assert list(figures) == [
+        "fetch, no signing rule",
+        "fetch, require rule",
+        "verify at end of fetch",
+        "model_signing verify",
+        "authorize, no signing rule",
+        "authorize, stored result",
+        "authorize, re-verify",
+    ]
+    assert all(s > 0 for s in figures.values())
+    verdicts = [r for r in rows if "verdict" in r]
+    assert len(verdicts) == 3 and all(isinstance(v["pass"], bool) for v in verdicts)
+    assert table.count("PASS") + table.count("MISS") == 3
+    assert list(tmp_path.iterdir()) == []
