@@ -10,6 +10,8 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -512,3 +514,27 @@ def test_the_deployed_configs_signing_example_parses_when_uncommented(repo_root:
     data = tomllib.loads(text.replace(block, uncommented))
     (example,) = parse_config(data).signing.rules
     assert example.mode == "require" and example.public_keys
+
+
+def test_a_model_signed_in_place_with_the_oms_cli_is_verified(
+    registry: Registry, publisher: ModelPublisher, keys: dict[str, Key], tmp_path: Path, node
+) -> None:
+    files = files_of(40)
+    model = write_files(tmp_path / "cli" / "model", files)
+    cli = Path(sys.executable).with_name("model_signing")
+    args = ["sign", "key", str(model), "--private_key", str(keys["team"].private)]
+    signed = subprocess.run(
+        [str(cli), *args, "--signature", str(model / "model.sig")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    files["model.sig"] = (model / "model.sig").read_bytes()
+    desc = publisher.modelkit("signed/cli", "v1", files)
+    config = with_rules(make_config(node[0]), rule("require", keys=(keys["team"].public,)))
+    row = open_fetcher(node, config).warm(
+        parse_reference(f"oci://{registry.host}/signed/cli@{desc.digest}")
+    )
+    assert (row.state, row.signature) == (ModelState.READY, SignatureStatus.VERIFIED)
