@@ -6,7 +6,13 @@
 The endpoint is s3rver (npm), which serves ranged GETs from files; moto reads a whole object for
 every ranged GET, so a moto figure would measure moto. Contenders, each after dropping the page
 cache: weightcache warm (verified, durable), curl -o of presigned URLs (with and without sync),
-s5cmd cp, and boto3's download_file.
+s5cmd cp, boto3's download_file, and dd oflag=direct of zeros (the disk's write rate, no network).
+
+CPU seconds per GiB are each contender's own processes; the server's (s3rver, node) are counted
+apart, from /proc, to tell which bound weightcache's run hit: CPU when weightcache and the
+server together kept >= 85% of the cores busy, else the disk when weightcache wrote at >= 85% of
+dd's rate, else the network or the server. Targets: weightcache >= 0.9x curl -o (not durable)
+unless the disk is the bound, and never below curl -o + sync; PASS/MISS on stderr.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,6 +49,9 @@ CREDS = {
     "AWS_SECRET_ACCESS_KEY": "S3RVER",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+TARGET_VS_CURL = 0.9
+BUSY = 0.85
+"""Share of the cores (or of the disk's write rate) above which a run counts as bound by it."""
 BOTO3_DOWNLOAD = """
 import sys, boto3
 s3 = boto3.client("s3", endpoint_url=sys.argv[1])
@@ -52,7 +61,8 @@ for key in sys.argv[4:]:
 
 
 @contextlib.contextmanager
-def run_s3rver(data: Path) -> Iterator[str]:
+def run_s3rver(data: Path) -> Iterator[tuple[str, int]]:
+    """s3rver on a free loopback port: (its URL, its pid)."""
     if not S3RVER.exists():
         raise ServiceUnavailable(f"s3rver missing: run `scripts/dev setup` (expects {S3RVER})")
     port = free_port()
@@ -85,10 +95,60 @@ def run_s3rver(data: Path) -> Iterator[str]:
                 raise ServiceUnavailable(f"s3rver exited: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(0.1)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def process_cpu(pid: int) -> float:
+    """User + system seconds of a running process (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_server_cpu(pid: int, run: Callable[[], Result]) -> tuple[Result, float]:
+    """``run()`` and the server's CPU seconds during it."""
+    before = process_cpu(pid)
+    result = run()
+    return result, process_cpu(pid) - before
+
+
+def bound(ours: Result, server_cpu: float, disk: Result) -> str:
+    """Which limit weightcache's run hit: CPU, disk, or network/server."""
+    cores = os.cpu_count() or 1
+    busy = (ours.cpu_seconds + server_cpu) / ours.seconds / cores if ours.seconds else 0.0
+    if busy >= BUSY:
+        return f"CPU ({busy:.0%} of {cores} cores busy: weightcache and the server)"
+    if disk.mb_s and ours.mb_s >= BUSY * disk.mb_s:
+        return f"disk ({ours.mb_s / disk.mb_s:.0%} of dd's write rate)"
+    return f"network/server (cores {busy:.0%} busy, {ours.mb_s / disk.mb_s:.0%} of the disk)"
+
+
+def verdicts(ours: Result, server_cpu: float, results: list[Result], disk: Result) -> list[str]:
+    by_name = {r.name: r for r in results}
+    curl = by_name["curl -o presigned (4 parallel)"]
+    durable = by_name["curl -o presigned + sync (4 parallel)"]
+    hit = bound(ours, server_cpu, disk)
+    lines = [
+        f"weightcache's run: {ours.cpu_s_per_gib:.2f} CPU s/GiB, the server "
+        f"{server_cpu / (ours.nbytes / 1024**3):.2f} CPU s/GiB; bound: {hit}"
+    ]
+    vs_curl = ours.mb_s / curl.mb_s
+    if hit.startswith("disk"):
+        lines.append(f"weightcache / curl -o: {vs_curl:.2f}x (the disk is the bound: not judged)")
+    else:
+        ok = vs_curl >= TARGET_VS_CURL
+        lines.append(
+            f"weightcache / curl -o: {vs_curl:.2f}x (target >= {TARGET_VS_CURL}x): "
+            f"{'PASS' if ok else 'MISS'}"
+        )
+    vs_durable = ours.mb_s / durable.mb_s
+    lines.append(
+        f"weightcache / curl -o + sync: {vs_durable:.2f}x (target >= 1.0x): "
+        f"{'PASS' if vs_durable >= 1.0 else 'MISS'}"
+    )
+    return lines
 
 
 def main() -> int:
@@ -99,7 +159,7 @@ def main() -> int:
     try:
         say(f"bench: {args.shards} x {args.shard_mib} MiB in {work}")
         files = make_shards(work / "src", args.shards, shard_bytes)
-        with run_s3rver(work / "s3rver") as url:
+        with run_s3rver(work / "s3rver") as (url, server_pid):
             import boto3
 
             env = {**os.environ, **CREDS, "AWS_ENDPOINT_URL": url}
@@ -125,19 +185,22 @@ def main() -> int:
             out = work / "out"
 
             emptied(out)
-            ours = measure(
-                "weightcache warm (sha256+xxh3, fsync)",
-                [
+            ours, server_cpu = with_server_cpu(
+                server_pid,
+                lambda: measure(
+                    "weightcache warm (sha256+xxh3, fsync)",
                     [
-                        str(ROOT / ".venv/bin/weightcache"),
-                        "warm",
-                        "s3://bench/model/",
-                        "--store",
-                        str(out / "store"),
-                    ]
-                ],
-                total,
-                env=env,
+                        [
+                            str(ROOT / ".venv/bin/weightcache"),
+                            "warm",
+                            "s3://bench/model/",
+                            "--store",
+                            str(out / "store"),
+                        ]
+                    ],
+                    total,
+                    env=env,
+                ),
             )
             curls = [
                 ["curl", "-sS", "--fail", "-o", str(out / f"{i}"), u] for i, u in enumerate(urls)
@@ -176,12 +239,35 @@ def main() -> int:
                     env=env,
                 )
             )
+            emptied(out)
+            count = shard_bytes // (16 * 1024 * 1024) or 1
+            block = shard_bytes // count
+            disk = measure(
+                "dd oflag=direct of zeros (4 parallel, disk write)",
+                [
+                    [
+                        "dd",
+                        "if=/dev/zero",
+                        f"of={out / str(i)}",
+                        f"bs={block}",
+                        f"count={count}",
+                        "oflag=direct",
+                        "conv=fsync",
+                        "status=none",
+                    ]
+                    for i in range(args.shards)
+                ],
+                total,
+            )
+            results.append(disk)
             shutil.rmtree(out, ignore_errors=True)
         title = (
             f"S3 fetch: {args.shards} x {args.shard_mib} MiB from s3rver on loopback "
             f"({total / MB:.0f} MB), page cache dropped before each"
         )
-        report(title, ours, results, args.json)
+        report(title, ours, results, args.json, extra={ours.name: {"server_cpu": server_cpu}})
+        for line in verdicts(ours, server_cpu, results, disk):
+            say(line)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

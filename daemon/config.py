@@ -6,6 +6,8 @@ Nothing below the entry point reads the environment or a file for settings.
 
 from __future__ import annotations
 
+import math
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -48,10 +50,25 @@ class StoreConfig:
     store opens and by ``gc``: a fetch that failed for good must not hold disk forever."""
 
 
+SHA256_BYTES_PER_S_PER_CORE = 1.5e9
+"""sha256 on one core with SHA-NI (bench/hashing.py: 1.4-1.6 GB/s); the bound of a fetch."""
+FASTEST_DISK_BYTES_PER_S = 25e9
+"""The fastest local NVMe array a GPU node carries: past it more hashing threads buy nothing."""
+
+
+def hashing_threads(cores: int | None) -> int:
+    """Files fetched (and sha256 streams hashed) at once on a node of ``cores``: enough to
+    hash at the fastest disk's rate (17), never more than a quarter of the cores (the pods
+    need the rest), and at least 4, what small nodes have always used (32 cores: 8, 64: 16)."""
+    at_disk_rate = math.ceil(FASTEST_DISK_BYTES_PER_S / SHA256_BYTES_PER_S_PER_CORE)
+    return max(4, min(at_disk_rate, (cores or 1) // 4))
+
+
 @dataclass(frozen=True)
 class FetchConfig:
-    files_in_parallel: int = 4
-    """Files downloaded at once."""
+    files_in_parallel: int = field(default_factory=lambda: hashing_threads(os.cpu_count()))
+    """Files downloaded at once: each streams through its own sha256 on its own thread, so
+    this is also how many cores hash (:func:`hashing_threads` of the node's cores)."""
     ranges_per_file: int = 2
     """Range requests in flight per large file; memory is files x ranges x part size."""
     part_bytes: int = 16 * 1024 * 1024

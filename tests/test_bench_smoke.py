@@ -42,12 +42,29 @@ def test_fetch_oci_smoke() -> None:
 
 @pytest.mark.bench
 def test_fetch_s3_smoke() -> None:
-    rows, _ = _bench("fetch_s3.py", "--shards", "2", "--shard-mib", "4")
+    rows, table = _bench("fetch_s3.py", "--shards", "2", "--shard-mib", "4")
     assert isinstance(rows, list)
     names = [r["name"] for r in rows]
-    for peer in ("weightcache warm", "curl -o presigned + sync", "s5cmd", "boto3"):
+    for peer in ("weightcache warm", "curl -o presigned + sync", "s5cmd", "boto3", "dd oflag"):
         assert any(peer in n for n in names), peer
     assert all(r["seconds"] > 0 and r["peak_rss"] > 0 for r in rows)
+    assert all(r["cpu_seconds"] > 0 and r["cpu_s_per_gib"] > 0 for r in rows)
+    assert rows[0]["server_cpu"] >= 0
+    assert "CPU s/GiB" in table and "bound: " in table
+    assert table.count("PASS") + table.count("MISS") == 2
+
+
+@pytest.mark.bench
+def test_hashing_smoke() -> None:
+    doc, table = _bench("hashing.py", "--mib", "16", "--threads", "2")
+    assert isinstance(doc, dict)
+    costs = doc["cpu_s_per_gib"]
+    assert set(costs) == {"sha256", "md5", "xxh3-128"} and all(c > 0 for c in costs.values())
+    assert [len(doc["scaling_bytes_per_s"][h]) for h in ("sha256", "xxh3-128")] == [2, 2]
+    assert doc["fetch_cpu_s_per_gib"] > costs["sha256"]
+    assert len(doc["projection"]) == 4 and all(p["sha256_threads"] >= 1 for p in doc["projection"])
+    assert "default files_in_parallel on 128 cores" in table
+    assert "PASS" in table or "MISS" in table
 
 
 @pytest.mark.bench
