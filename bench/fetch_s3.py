@@ -202,41 +202,56 @@ def main() -> int:
                     env=env,
                 ),
             )
+            server: dict[str, float] = {ours.name: server_cpu}
+
+            def served(run: Callable[[], Result]) -> Result:
+                result, cpu = with_server_cpu(server_pid, run)
+                server[result.name] = cpu
+                return result
+
             curls = [
                 ["curl", "-sS", "--fail", "-o", str(out / f"{i}"), u] for i, u in enumerate(urls)
             ]
             results: list[Result] = []
             emptied(out)
             results.append(
-                measure("curl -o presigned + sync (4 parallel)", curls, total, then=["sync"])
+                served(
+                    lambda: measure(
+                        "curl -o presigned + sync (4 parallel)", curls, total, then=["sync"]
+                    )
+                )
             )
             emptied(out)
-            results.append(measure("curl -o presigned (4 parallel)", curls, total))
+            results.append(served(lambda: measure("curl -o presigned (4 parallel)", curls, total)))
             emptied(out)
             results.append(
-                measure(
-                    "s5cmd cp",
-                    [
+                served(
+                    lambda: measure(
+                        "s5cmd cp",
                         [
-                            peer_bin("s5cmd"),
-                            "--endpoint-url",
-                            url,
-                            "cp",
-                            "s3://bench/model/*",
-                            f"{out}/",
-                        ]
-                    ],
-                    total,
-                    env=env,
+                            [
+                                peer_bin("s5cmd"),
+                                "--endpoint-url",
+                                url,
+                                "cp",
+                                "s3://bench/model/*",
+                                f"{out}/",
+                            ]
+                        ],
+                        total,
+                        env=env,
+                    )
                 )
             )
             emptied(out)
             results.append(
-                measure(
-                    "boto3 download_file",
-                    [[peer_python(), "-c", BOTO3_DOWNLOAD, url, "bench", str(out), *keys]],
-                    total,
-                    env=env,
+                served(
+                    lambda: measure(
+                        "boto3 download_file",
+                        [[peer_python(), "-c", BOTO3_DOWNLOAD, url, "bench", str(out), *keys]],
+                        total,
+                        env=env,
+                    )
                 )
             )
             emptied(out)
@@ -265,7 +280,15 @@ def main() -> int:
             f"S3 fetch: {args.shards} x {args.shard_mib} MiB from s3rver on loopback "
             f"({total / MB:.0f} MB), page cache dropped before each"
         )
-        report(title, ours, results, args.json, extra={ours.name: {"server_cpu": server_cpu}})
+        report(
+            title,
+            ours,
+            results,
+            args.json,
+            extra={name: {"server_cpu": cpu} for name, cpu in server.items()},
+        )
+        for name, cpu in server.items():
+            say(f"server (s3rver) CPU during {name}: {cpu / (total / 1024**3):.2f} s/GiB")
         for line in verdicts(ours, server_cpu, results, disk):
             say(line)
         return 0
