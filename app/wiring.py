@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from weightcache.daemon.config import Config, RegistryConfig
+from weightcache.daemon.errors import UnsupportedManifest
 from weightcache.daemon.fetcher import Fetcher, ProgressCallback
 from weightcache.daemon.metrics import Metrics
 from weightcache.daemon.policy import Policy, SignatureAdmission
-from weightcache.daemon.signing.gate import SignatureGate, load_trust
+from weightcache.daemon.references import OciRef
+from weightcache.daemon.signing import SignatureResult
+from weightcache.daemon.signing.cosign import verify_cosign
+from weightcache.daemon.signing.gate import CosignCheck, SignatureGate, load_trust
 from weightcache.daemon.sources import Sources
 from weightcache.daemon.sources.credentials import DockerConfigFile
 from weightcache.daemon.sources.local import LocalSource
@@ -69,22 +74,36 @@ def build_fetcher(
     """The fetcher, with the signing rules' keys read here (a key that cannot be used is a
     ConfigError before anything runs); its ``signatures`` go to :func:`build_policy`."""
     store = store or Store(config.store)
+    sources = build_sources(config)
     return Fetcher(
         store,
-        build_sources(config),
+        sources,
         config.fetch,
         stop=stop,
         on_progress=on_progress,
         metrics=metrics,
-        signatures=build_signatures(config, store),
+        signatures=build_signatures(config, store, sources),
     )
 
 
-def build_signatures(config: Config, store: Store) -> SignatureGate | None:
-    """The signing rules over ``store``; None when no rule is configured."""
+def build_signatures(
+    config: Config, store: Store, sources: Sources | None = None
+) -> SignatureGate | None:
+    """The signing rules over ``store``; None when no rule is configured. With ``sources``,
+    an ``oci://`` model without ``model.sig`` is looked up for a cosign signature."""
     if not config.signing.rules:
         return None
-    return SignatureGate(store, load_trust(config.signing))
+    cosign: CosignCheck | None = None
+    if sources is not None:
+        registry = sources
+
+        def cosign(ref: OciRef, digest: str, keys: Sequence[bytes]) -> SignatureResult:
+            source = registry.for_ref(ref)
+            if not isinstance(source, OciSource):
+                raise UnsupportedManifest(f"{ref}: no OCI source to read cosign signatures from")
+            return verify_cosign(source, ref, digest, keys)
+
+    return SignatureGate(store, load_trust(config.signing), cosign)
 
 
 def build_policy(
