@@ -21,7 +21,7 @@ import model_signing.signing
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from csi_harness import publish, serving_node
 from helpers import make_config, read_tree, run_cli
@@ -427,7 +427,7 @@ def test_a_key_that_cannot_be_used_stops_the_start(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pub"
     bad.write_text("not a key")
     for path, words in (
-        (bad, "not an elliptic-curve PEM public key"),
+        (bad, "not a PEM public key"),
         (tmp_path / "no.pub", "cannot read"),
     ):
         config = with_rules(make_config(tmp_path / "store"), rule("require", keys=(path,)))
@@ -538,3 +538,18 @@ def test_a_model_signed_in_place_with_the_oms_cli_is_verified(
         parse_reference(f"oci://{registry.host}/signed/cli@{desc.digest}")
     )
     assert (row.state, row.signature) == (ModelState.READY, SignatureStatus.VERIFIED)
+
+
+def test_an_rsa_key_is_kept_for_cosign_and_left_out_of_oms(
+    registry: Registry, publisher: ModelPublisher, keys: dict[str, Key], tmp_path: Path, node
+) -> None:
+    rsa_pub = tmp_path / "rsa.pub"
+    rsa_pub.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    publisher.oras("signed/mixed", "v1", sign(files_of(70), keys["team"], tmp_path / "sig"))
+    config = with_rules(make_config(node[0]), rule("require", keys=(rsa_pub, keys["team"].public)))
+    row = open_fetcher(node, config).warm(parse_reference(f"oci://{registry.host}/signed/mixed:v1"))
+    assert (row.signature, row.signature_signer) == (SignatureStatus.VERIFIED, "team.pub")

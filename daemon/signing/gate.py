@@ -64,12 +64,13 @@ def load_trust(config: SigningConfig) -> tuple[Trust, ...]:
     file that cannot be used."""
     out = []
     for rule in config.rules:
-        keys = tuple(load_key(p) for p in rule.public_keys)
-        pems = tuple(p.read_bytes() for p in rule.public_keys)
+        loaded = [(load_key(p), p.read_bytes()) for p in rule.public_keys]
+        keys = tuple(k for k, _ in loaded if k is not None)
+        pems = tuple(pem for _, pem in loaded)
         chains = load_chains(rule.certificate_chains)
         h = hashlib.sha256()
-        for k in sorted(k.fingerprint for k in keys):
-            h.update(f"key {k}\n".encode())
+        for digest in sorted(hashlib.sha256(pem).hexdigest() for pem in pems):
+            h.update(f"key {digest}\n".encode())
         if chains is not None:
             h.update(f"chains {chains.fingerprint}\n".encode())
         out.append(Trust(rule, keys, pems, chains, h.hexdigest()))

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from model_signing._signing import sign_certificate, sign_ec_key, sign_sigstore_pb
 
 from weightcache.daemon.config import ConfigError
@@ -55,14 +58,23 @@ class TrustError(ConfigError):
     """A configured key or certificate file cannot be used (read once, at start-up)."""
 
 
-def load_key(path: Path) -> TrustedKey:
+def load_key(path: Path) -> TrustedKey | None:
+    """The key at ``path`` for OMS; None for a PEM public key of another kind (RSA, Ed25519:
+    cosign may use it, OMS signs with elliptic keys only)."""
     try:
-        verifier = sign_ec_key.Verifier(path)
         pem = path.read_bytes()
     except OSError as exc:
         raise TrustError(f"cannot read public key {path}: {exc.strerror}") from exc
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise TrustError(f"{path} is not a PEM public key: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return None
+    try:
+        verifier = sign_ec_key.Verifier(path)
     except (ValueError, TypeError) as exc:
-        raise TrustError(f"{path} is not an elliptic-curve PEM public key: {exc}") from exc
+        raise TrustError(f"{path}: an elliptic curve OMS does not support: {exc}") from exc
     return TrustedKey(path.name, hashlib.sha256(pem).hexdigest(), verifier)
 
 
