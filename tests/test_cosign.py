@@ -5,6 +5,7 @@ serve ``/referrers/``)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from weightcache.daemon.references import OciRef, parse_reference
 from weightcache.daemon.signing import Scheme, SignatureStatus
 from weightcache.daemon.signing.cosign import key_fingerprint, verify_cosign
 from weightcache.daemon.sources.oci import OciSource
-from weightcache.daemon.sources.oci_http import RegistryHTTP
+from weightcache.daemon.sources.oci_http import Credentials, RegistryHTTP
 from weightcache.testing.cosign_push import (
     SIGNATURE_ARTIFACT,
     SIMPLE_SIGNING,
@@ -445,3 +446,42 @@ def test_oversized_referrers_index_is_invalid(
     result = verify_cosign(source, ref_of(proxy.host, model), model.digest, [signer.public_pem])
     assert result.status is SignatureStatus.INVALID
     assert "larger than" in result.detail
+
+
+def test_not_a_digest_is_refused(registry: Registry, source: OciSource, model: Model) -> None:
+    ref = ref_of(registry.host, model)
+    with pytest.raises(ValueError, match="not a sha256 manifest digest"):
+        verify_cosign(source, ref, "v1", [Signer.ecdsa().public_pem])
+
+
+def test_payload_blob_larger_than_its_descriptor_is_invalid(
+    proxy: FaultProxy, source: OciSource, cosign: CosignPublisher, model: Model, signer: Signer
+) -> None:
+    ref = ref_of(proxy.host, model)
+    layer = signed(signer, model.digest, str(ref))
+    cosign.push_tag(model.repo, model.digest, cosign.signature_manifest(model.repo, [layer]))
+    blob = "sha256:" + hashlib.sha256(layer.payload).hexdigest()
+    proxy.state.rules.append(Rule(path=rf"/blobs/{blob}$", status=200, body_bytes=8 * 1024 * 1024))
+    result = verify_cosign(source, ref, model.digest, [signer.public_pem])
+    assert result.status is SignatureStatus.INVALID
+    assert "larger than" in result.detail
+
+
+def test_signature_behind_registry_auth_is_read_with_the_registry_credentials(
+    proxy: FaultProxy, cosign: CosignPublisher, model: Model, signer: Signer
+) -> None:
+    ref = ref_of(proxy.host, model)
+    cosign.push_tag(
+        model.repo,
+        model.digest,
+        cosign.signature_manifest(model.repo, [signed(signer, model.digest, str(ref))]),
+    )
+    proxy.state.auth = "bearer"
+    anonymous = OciSource(RegistryHTTP(RegistryConfig(), {}, timeout_s=10))
+    with pytest.raises(SourceError) as refused:
+        verify_cosign(anonymous, ref, model.digest, [signer.public_pem])
+    assert refused.value.reason == "auth"
+    creds = {proxy.host: Credentials(proxy.state.username, proxy.state.password)}
+    authed = OciSource(RegistryHTTP(RegistryConfig(), creds, timeout_s=10))
+    result = verify_cosign(authed, ref, model.digest, [signer.public_pem])
+    assert result.status is SignatureStatus.VERIFIED
