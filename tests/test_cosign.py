@@ -485,3 +485,27 @@ def test_signature_behind_registry_auth_is_read_with_the_registry_credentials(
     authed = OciSource(RegistryHTTP(RegistryConfig(), creds, timeout_s=10))
     result = verify_cosign(authed, ref, model.digest, [signer.public_pem])
     assert result.status is SignatureStatus.VERIFIED
+
+
+def test_referrer_listed_but_absent_is_invalid_and_a_tagged_referrer_counts_once(
+    proxy: FaultProxy, source: OciSource, cosign: CosignPublisher, model: Model, signer: Signer
+) -> None:
+    ref = ref_of(proxy.host, model)
+    missing = Descriptor(OCI_MANIFEST, "sha256:" + "01" * 32, 10)
+    _serve_referrers(proxy, model, referrers_index([(missing, SIGNATURE_ARTIFACT)]))
+    result = verify_cosign(source, ref, model.digest, [signer.public_pem])
+    assert result.status is SignatureStatus.INVALID
+    assert "absent" in result.detail
+    # One manifest, both a referrer and under the .sig tag, signed by an untrusted key: one
+    # failure is reported, not two.
+    proxy.state.reset()
+    bad = cosign.signature_manifest(
+        model.repo, [signed(Signer.ecdsa(), model.digest, str(ref))], subject=model.descriptor
+    )
+    sig = cosign.push_referrer(model.repo, bad)
+    cosign.push_tag(model.repo, model.digest, json.dumps(bad).encode())
+    _serve_referrers(proxy, model, referrers_index([(sig, SIGNATURE_ARTIFACT)]))
+    result = verify_cosign(source, ref, model.digest, [signer.public_pem])
+    assert result.status is SignatureStatus.INVALID
+    assert "more" not in result.detail
+    assert result.detail.startswith(f"referrer {sig.digest}")
