@@ -49,7 +49,7 @@ from weightcache.daemon.retry import with_retries
 from weightcache.daemon.signing import SignatureCheck
 from weightcache.daemon.sources import Sources
 from weightcache.daemon.store.index import ModelRow
-from weightcache.daemon.store.staging import stage_stream
+from weightcache.daemon.store.staging import DIRECT_MIN, stage_stream
 from weightcache.daemon.store.states import Access, ModelState, Trust
 from weightcache.daemon.store.store import Ingest, Store
 from weightcache.daemon.store.tarsafe import (
@@ -68,6 +68,8 @@ MODELS_AT_ONCE = 4
 ARCHIVE_EXPANSION = 3
 """Compressed tar layers are assumed to expand up to this much when checking capacity."""
 TAR_READ = 4 * 1024 * 1024
+SMALL_FILE = DIRECT_MIN
+"""Raw files below this size commit in batches (:meth:`Ingest.commit_soon`)."""
 
 
 @dataclass
@@ -527,7 +529,9 @@ class Fetcher:
         part = self.config.part_bytes
         hasher = StreamHasher(chunk_size=part)
         partial = self.store.partial(item.staging_key, item.size, part)
-        with partial:
+        partial.on_wait = ingest.flush  # see PartialFile._lock
+        with contextlib.ExitStack() as held_open:
+            held_open.enter_context(partial)
             held = self._reusable(plan, item)
             if held is not None:
                 # Another model's fetch committed the same content while we waited for it.
@@ -562,6 +566,19 @@ class Fetcher:
                 )
             if item.size % part:
                 partial.record_chunks([fp.chunk_digest(fp.chunk_count - 1)])
+            if item.size < SMALL_FILE:
+                # Committed with its batch (one filesystem sync and one index transaction for
+                # many small files), still under the partial's lock, which is held until then.
+                partial.release_io()
+                keep_locked = held_open.pop_all()
+
+                def done(committed: bool) -> None:
+                    if committed:
+                        partial.forget_log()
+                    keep_locked.close()
+
+                ingest.commit_soon(partial.path, fp, item.path, item.sha256, done)
+                return fp.sha256
             partial.fsync()
             # Verified (by the store, against the announced digest) and committed under the
             # partial's lock, so a second writer waiting for it finds either the partial as it
@@ -657,7 +674,10 @@ class Fetcher:
 
         def write(rel: str, reader: IO[bytes], size: int) -> str:
             tmp = self.store.temp_path("member")
-            fp = stage_stream(tmp, reader, size, self._member_buffer(), self.config.part_bytes)
+            # No fsync per member: the batches commit_many makes sync the filesystem once.
+            fp = stage_stream(
+                tmp, reader, size, self._member_buffer(), self.config.part_bytes, fsync=False
+            )
             old = staged.pop(rel, None)
             if old is not None:
                 old[0].unlink(missing_ok=True)
@@ -682,8 +702,8 @@ class Fetcher:
                     f"{plan.ref}: layer hashes to {digest}, but the manifest says "
                     f"{item.sha256}; its unpacked files were discarded"
                 )
-            for rel, (tmp, fp) in staged.items():
-                ingest.commit(tmp, fp, rel, expected=None)  # the layer's digest matched
+            # The layer's digest matched: every member is checked.
+            ingest.commit_many([(tmp, fp, rel) for rel, (tmp, fp) in staged.items()])
             staged.clear()
             return layer
         finally:

@@ -153,6 +153,10 @@ class FileRecord(NamedTuple):
     state: str | None
 
 
+def _fingerprint_columns(fp: Fingerprint) -> tuple[str, int, str, int, bytes]:
+    return fp.sha256, fp.size, fp.xxh3, fp.chunk_size, fp.chunks
+
+
 class Index:
     """Typed access to index.sqlite3."""
 
@@ -419,6 +423,40 @@ class Index:
             c.execute(
                 "INSERT OR REPLACE INTO model_files(model, path, sha256) VALUES (?, ?, ?)",
                 (model, path, fp.sha256),
+            )
+
+    def record_blobs(self, rows: Sequence[tuple[Fingerprint, int, int, str, str]]) -> None:
+        """A batch of committed blobs, each (fingerprint, inode, mtime_ns, model, path) as for
+        :meth:`record_blob`, in one transaction (one commit and one fsync for all of them)."""
+        now = time.time()
+        with self.tx() as c:
+            c.executemany(
+                "INSERT INTO blobs(sha256, size, xxh3, chunk_size, chunks, inode, mtime_ns,"
+                " state, verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(sha256) DO UPDATE SET size = excluded.size, xxh3 = excluded.xxh3,"
+                " chunk_size = excluded.chunk_size, chunks = excluded.chunks,"
+                " inode = excluded.inode, mtime_ns = excluded.mtime_ns, state = excluded.state,"
+                " verified_at = excluded.verified_at",
+                [
+                    (*_fingerprint_columns(fp), ino, mt, BlobState.OK, now)
+                    for fp, ino, mt, _, _ in rows
+                ],
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO model_files(model, path, sha256) VALUES (?, ?, ?)",
+                [(model, path, fp.sha256) for fp, _, _, model, path in rows],
+            )
+
+    def link_files(
+        self, model: str, rows: Sequence[tuple[str, str]], *, durable: bool = True
+    ) -> None:
+        """``model`` holds already recorded blobs at these (path, sha256), in one transaction.
+        Not durable on its own is safe: the rows name only blobs already durable, and the
+        model's installation commits durably after them (WAL keeps commit order)."""
+        with self.tx(durable=durable) as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO model_files(model, path, sha256) VALUES (?, ?, ?)",
+                [(model, path, sha) for path, sha in rows],
             )
 
     def link_file(self, model: str, path: str, sha256: str) -> None:

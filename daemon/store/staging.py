@@ -20,6 +20,7 @@ import errno
 import fcntl
 import mmap
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -28,7 +29,12 @@ from weightcache.daemon.errors import UnsafeContent
 from weightcache.daemon.hashing import Fingerprint, StreamHasher, chunk_xxh3
 
 _ENTRY = 16
+WAIT_POLL_S = 0.05
 ALIGN = 4096
+DIRECT_MIN = 1024 * 1024
+"""Files smaller than this are written buffered: a direct write waits for the device on every
+call, which for a small file costs more than the copy it saves (and small files are synced in
+batches, see :class:`weightcache.daemon.store.store.Batch`)."""
 
 
 class AlignedWriter:
@@ -37,9 +43,11 @@ class AlignedWriter:
     Only the page-aligned part of a write whose offset is aligned goes direct; the tail and
     everything on filesystems that refuse O_DIRECT go through ``fd`` as usual."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, *, direct: bool = True) -> None:
         self._fd = fd
         self._direct = -1
+        if not direct:
+            return
         try:
             self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
         except OSError as exc:
@@ -74,13 +82,20 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 
 def stage_stream(
-    path: Path, reader: IO[bytes], size: int, buf: mmap.mmap, chunk_size: int
+    path: Path,
+    reader: IO[bytes],
+    size: int,
+    buf: mmap.mmap,
+    chunk_size: int,
+    *,
+    fsync: bool = True,
 ) -> Fingerprint:
     """Write exactly ``size`` bytes from ``reader`` to a new file at ``path``, fingerprinting
-    them in the same pass, and fsync it. ``buf`` (page-aligned) carries the bytes, so reads land
+    them in the same pass, and fsync it (``fsync=False``: the caller syncs the filesystem
+    before anything names the file). ``buf`` (page-aligned) carries the bytes, so reads land
     where the direct write takes them from."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    writer = AlignedWriter(path, fd)
+    writer = AlignedWriter(path, fd, direct=size >= DIRECT_MIN)
     hasher = StreamHasher(chunk_size=chunk_size)
     view = memoryview(buf)
     try:
@@ -98,7 +113,8 @@ def stage_stream(
             hasher.update(view[:filled])
             writer.write(offset, view[:filled])
             offset += filled
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     finally:
         writer.close()
         os.close(fd)
@@ -116,6 +132,8 @@ class PartialFile:
         self._fd = -1
         self._writer: AlignedWriter | None = None
         self._log_fd = -1
+        self.on_wait: Callable[[], None] | None = None
+        """Called while the lock is held elsewhere (see :meth:`_lock`)."""
 
     def __enter__(self) -> PartialFile:
         # Two writers (threads or processes) never share a partial file: the second waits for
@@ -123,7 +141,7 @@ class PartialFile:
         # so it can never write into a committed blob.
         while True:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._lock()
             try:
                 if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
                     break
@@ -131,14 +149,39 @@ class PartialFile:
                 pass
             os.close(self._fd)
         self._log_fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        self._writer = AlignedWriter(self.path, self._fd)
+        self._writer = AlignedWriter(self.path, self._fd, direct=self.size >= DIRECT_MIN)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self._log_fd)
+        self.release_io()
+        if self._fd >= 0:
+            os.close(self._fd)  # releases the flock
+            self._fd = -1
+
+    def _lock(self) -> None:
+        """Take the flock. While another holder keeps it, ``on_wait`` runs every
+        ``WAIT_POLL_S``: a fetch that waits commits its own batch meanwhile, so two fetches
+        whose batches each hold a file the other waits for never wait for each other."""
+        if self.on_wait is None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            return
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                self.on_wait()
+                time.sleep(WAIT_POLL_S)
+
+    def release_io(self) -> None:
+        """Close what writing needed, keeping only the locked descriptor: a written file that
+        waits for its batch's commit holds its lock with one descriptor."""
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
         if self._writer is not None:
             self._writer.close()
-        os.close(self._fd)  # releases the flock
+            self._writer = None
 
     def resume(self, hasher: StreamHasher, also: Callable[[bytes], object] | None = None) -> int:
         """Check the kept prefix against the chunk log; feed it to ``hasher`` (and ``also``);

@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +35,15 @@ from weightcache.daemon.store.layout import (
     fsync_dir,
     remove_tree,
     seal_tree,
+    sync_filesystem,
 )
 from weightcache.daemon.store.staging import PartialFile
 from weightcache.daemon.store.states import Access, BlobState, ModelState, Trust
 
 log = logging.getLogger(__name__)
+
+BATCH_FILES = 256
+"""Small files committed together: one filesystem sync and one index transaction for all."""
 
 
 @dataclass(frozen=True)
@@ -230,9 +234,46 @@ class Store:
         # when the store opens.
         staged.unlink(missing_ok=True)
 
+    def _commit_blobs(self, entries: Sequence[tuple[Path, Fingerprint, str]], model: str) -> None:
+        """Commit verified staged files written without their own fsync, as one batch: link
+        them all into blobs/, make the data and the names durable with one filesystem sync,
+        then record them in one index transaction. A crash before the transaction leaves
+        blobs the index does not know (removed when the store opens) and staged files (removed,
+        or resumed from if they are partials): never an index row for a blob not on disk."""
+        linked: set[str] = set()
+        for staged, fp, _ in entries:
+            if fp.sha256 in linked or self.has_blob(fp.sha256):
+                continue
+            target = self.layout.blob(fp.sha256)
+            target.parent.mkdir(exist_ok=True)
+            os.chmod(staged, 0o444)
+            try:
+                os.link(staged, target)  # link, never replace: see _commit_blob
+            except FileExistsError:
+                if not self.has_blob(fp.sha256):
+                    # An untrusted leftover, or a batch of another thread not yet recorded:
+                    # this copy's data is made durable before it takes the name.
+                    fd = os.open(staged, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    os.replace(staged, target)
+            linked.add(fp.sha256)
+        if linked:
+            sync_filesystem(self.layout.root)
+        rows = []
+        for _, fp, path in entries:
+            st = os.stat(self.layout.blob(fp.sha256))
+            rows.append((fp, st.st_ino, st.st_mtime_ns, model, path))
+        self.index.record_blobs(rows)
+        for staged, _, _ in entries:
+            staged.unlink(missing_ok=True)
+
     def link_blob(self, model: str, path: str, sha256: str) -> None:
-        """Record that ``model`` holds an already stored blob at ``path``."""
-        self.index.link_file(model, path, sha256)
+        """Record that ``model`` holds an already stored blob at ``path``. Not fsynced on its
+        own: the blob is durable already and the model's installation commits durably."""
+        self.index.link_files(model, [(path, sha256)], durable=False)
 
     # -- models --------------------------------------------------------------------------------
 
@@ -571,13 +612,17 @@ class Ingest:
         self._store = store
         self.digest = digest
         self._ref = ref
+        self._pending: list[tuple[Path, Fingerprint, str, Callable[[bool], None]]] = []
+        self._batch_lock = threading.Lock()
 
     def __enter__(self) -> Ingest:
         return self
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         if exc is None:
+            self.flush()
             return
+        self._drop_pending()
         try:
             self._store.fail(self.digest, str(exc))
         except sqlite3.Error as db_exc:  # a full disk may leave no room to say so
@@ -585,6 +630,8 @@ class Ingest:
 
     def link(self, path: str, sha256: str) -> None:
         """``path`` of this model is the held blob ``sha256`` (the caller has proof)."""
+        if self._pending:
+            self.flush()  # the blob may be one of the batch: recorded first
         self._store.link_blob(self.digest, path, sha256)
 
     def make_room(self, needed: int) -> list[str]:
@@ -604,9 +651,66 @@ class Ingest:
             )
         self._store._commit_blob(staged, fp, self.digest, path)
 
+    def commit_soon(
+        self,
+        staged: Path,
+        fp: Fingerprint,
+        path: str,
+        expected: str | None,
+        done: Callable[[bool], None],
+    ) -> None:
+        """Like :meth:`commit` for a small file written without its own fsync: it joins the
+        current batch, committed when the batch is full, before any :meth:`link` or
+        :meth:`install`, or when the ``with`` block ends. ``done(committed)`` is called once
+        the batch is committed (True) or dropped by a failure (False): the caller's lock on
+        the staged file is held until then, and a dropped file stays where it was (a partial
+        resumes from it)."""
+        if expected is not None and fp.sha256 != expected:
+            staged.unlink(missing_ok=True)
+            done(False)
+            raise DigestMismatch(
+                f"{self._ref}: {path} hashes to {fp.sha256}, but the source announced "
+                f"{expected}; the download was discarded"
+            )
+        with self._batch_lock:
+            self._pending.append((staged, fp, path, done))
+            if len(self._pending) >= BATCH_FILES:
+                self._flush_locked()
+
+    def commit_many(self, entries: Sequence[tuple[Path, Fingerprint, str]]) -> None:
+        """Commit staged files written without their own fsync whose bytes were checked as a
+        whole (the members of a tar layer whose digest matched), in batches."""
+        for start in range(0, len(entries), BATCH_FILES * 16):
+            self._store._commit_blobs(entries[start : start + BATCH_FILES * 16], self.digest)
+
+    def flush(self) -> None:
+        """Commit the files waiting in the current batch."""
+        with self._batch_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            self._store._commit_blobs([(s, fp, p) for s, fp, p, _ in pending], self.digest)
+        except BaseException:
+            for *_, done in pending:
+                done(False)
+            raise
+        for *_, done in pending:
+            done(True)
+
+    def _drop_pending(self) -> None:
+        with self._batch_lock:
+            pending, self._pending = self._pending, []
+        for *_, done in pending:
+            done(False)
+
     def install(self, paths: set[str]) -> Path:
         """Keep exactly ``paths`` (a re-fetch may have changed the plan), build the tree and
         rename it into ``models/``: the model is ``ready``."""
+        self.flush()
         self._store.forget_files(self.digest, paths)
         return self._store.install(self.digest)
 
