@@ -171,3 +171,13 @@ def test_signing_smoke(tmp_path: Path) -> None:
     assert len(verdicts) == 3 and all(isinstance(v["pass"], bool) for v in verdicts)
     assert table.count("PASS") + table.count("MISS") == 3
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.bench
+def test_small_files_smoke() -> None:
+    rows, table = _bench("small_files.py", "--files", "60", "--file-bytes", "2048")
+    assert isinstance(rows, list)
+    assert [r["peer"] for r in rows] == ["tar -x + sync", "cp -r + sync"]
+    assert all(r["seconds"] > 0 and r["peer_seconds"] > 0 for r in rows)
+    assert all(r["verdict"] in ("PASS", "MISS") for r in rows)
+    assert table.count("PASS") + table.count("MISS") == 2
