@@ -195,7 +195,7 @@ async def _mount(
         store,
         fetcher,
         SystemMounter(),
-        build_policy(config, fetcher.sources),
+        build_policy(config, fetcher.sources, fetcher.signatures),
         Repairer(store, fetcher),
         checks=store_checks(store),
         kubelet_dir=root / "kubelet",
@@ -255,7 +255,7 @@ def _warm_controller(config: Config, store: Store, fetcher: Fetcher, ref: str) -
             store,
             fetcher,
             config.warm,
-            build_policy(config, fetcher.sources),
+            build_policy(config, fetcher.sources, fetcher.signatures),
             aliases=config.registry.aliases,
         )
         warm.start()

@@ -80,7 +80,7 @@ async def run_node(
         store,
         fetcher,
         SystemMounter(),
-        build_policy(config, fetcher.sources),
+        build_policy(config, fetcher.sources, fetcher.signatures),
         repairer,
         checks=store_checks(store),
         kubelet_dir=config.csi.kubelet_dir,

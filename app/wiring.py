@@ -106,9 +106,7 @@ def build_signatures(
     return SignatureGate(store, load_trust(config.signing), cosign)
 
 
-def build_policy(
-    config: Config, sources: Sources, signatures: SignatureAdmission | None = None
-) -> Policy:
+def build_policy(config: Config, sources: Sources, signatures: SignatureAdmission | None) -> Policy:
     """The tenant policy; ``sources`` tell whether a model is public (the fetcher's);
     ``signatures`` (the fetcher's) makes publish and warm obey the signing rules too."""
     return Policy(

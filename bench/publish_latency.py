@@ -437,7 +437,7 @@ def main() -> int:
                 store,
                 fetcher,
                 SystemMounter(),
-                build_policy(config, fetcher.sources),
+                build_policy(config, fetcher.sources, fetcher.signatures),
                 Repairer(store, fetcher),
                 checks=store_checks(store),
                 kubelet_dir=config.csi.kubelet_dir,

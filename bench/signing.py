@@ -163,7 +163,7 @@ def main() -> int:
         model_ref = parse_reference(ref)
         end_s = median_s(lambda: gate.verify_fetch(model_ref, row.digest, paths), args.repeats)
 
-        no_rule = build_policy(config("plain", None), plain.sources)
+        no_rule = build_policy(config("plain", None), plain.sources, plain.signatures)
         plain_row = plain.store.cached_model(ref)
         bare_s = median_s(lambda: no_rule.authorize(model_ref, "ns", {}, plain_row), args.repeats)
         with_rule = build_policy(signed_config, signed.sources, gate)

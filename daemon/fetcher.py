@@ -389,6 +389,7 @@ class Fetcher:
             for path, sha in tree.files.items():
                 ingest.link(path, sha)
             keep |= set(tree.files)
+        ingest.flush()  # every file in the index: what the signature is checked against
         if self.signatures is not None:
             self.signatures.verify_fetch(plan.ref, plan.digest, keep)
         ingest.install(keep)

@@ -94,7 +94,7 @@ async def serving_node(
         store,
         fetcher,
         mounter,
-        build_policy(config, fetcher.sources),
+        build_policy(config, fetcher.sources, fetcher.signatures),
         repairer,
         checks=store_checks(store),
         kubelet_dir=config.csi.kubelet_dir,

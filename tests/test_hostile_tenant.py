@@ -472,7 +472,7 @@ def warm_controller(
             h.store,
             h.fetcher,
             n.config.warm,
-            build_policy(n.config, h.fetcher.sources),
+            build_policy(n.config, h.fetcher.sources, h.fetcher.signatures),
             aliases=n.config.registry.aliases,
             **({"clock": clock} if clock else {}),
         )

@@ -72,7 +72,12 @@ def running(tmp_path: Path, config: Config | None = None, **node_kwargs: Any) ->
         fetcher = build_fetcher(config, store)
         client = KubeClient(str(kube.kubeconfig(tmp_path)), request_timeout_s=10)
         controller = WarmController(
-            NODE, client, store, fetcher, FAST, build_policy(config, fetcher.sources)
+            NODE,
+            client,
+            store,
+            fetcher,
+            FAST,
+            build_policy(config, fetcher.sources, fetcher.signatures),
         )
         controller.start()
         try:

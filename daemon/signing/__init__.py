@@ -10,6 +10,7 @@ from typing import Protocol
 
 from weightcache.daemon.errors import PolicyDenied
 from weightcache.daemon.references import ModelRef
+from weightcache.daemon.store.index import ModelRow
 
 
 class SignatureStatus(StrEnum):
@@ -57,7 +58,13 @@ SIGNATURE_FILE = "model.sig"
 
 
 class SignatureCheck(Protocol):
-    """What the fetcher asks before it installs a model (real: ``gate.SignatureGate``)."""
+    """The signing rules' one decision (real: ``gate.SignatureGate``): the fetcher asks before
+    it installs a model, the policy at every publish and warm, so both obey the same rule."""
+
+    def admit(self, ref: ModelRef, cached: ModelRow | None) -> None:
+        """Raise ``SignatureMissing``/``SignatureInvalid`` when the rule refuses the cached
+        model; it may verify it again."""
+        ...
 
     def verify_fetch(self, ref: ModelRef, digest: str, paths: Collection[str]) -> SignatureResult:
         """Verify the files ``paths`` of model ``digest`` as the store committed them, record
