@@ -25,10 +25,10 @@ import os
 import re
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from weightcache.csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from weightcache.csi.interceptor import Context
@@ -48,6 +48,7 @@ from weightcache.daemon.store.verify import ModelCheck, check_model
 from weightcache.proto import csi_pb2, csi_pb2_grpc
 
 _TREE = re.compile(r"/models/[0-9a-f]{64}$")
+T = TypeVar("T")
 Checks = Callable[[str, bool], ModelCheck]
 """The check a publish runs on a model before binding it: (digest, full) -> what it found."""
 
@@ -152,16 +153,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         result = "error"
         try:
             async with self._serialized(target):
-                # The index is SQLite: never read on the event loop.
-                cached = await asyncio.to_thread(self._store.cached_model, str(attrs.model))
-                await asyncio.to_thread(
-                    self._policy.authorize, attrs.model, attrs.pod_namespace, secrets, cached
+                # A hit is one trip to a thread (the index is SQLite, never read on the event
+                # loop): each hop to a thread and back waits for a CPU and the GIL, which a
+                # fetch running beside it keeps busy.
+                cached, hit = await _to_thread_to_the_end(
+                    self._publish_if_ready, attrs, secrets, target
                 )
-                if cached is not None and cached.state == ModelState.READY:
-                    row, hit = cached, True
-                else:
-                    row, hit = await self._ready_model(attrs, cached), False
-                await _to_thread_to_the_end(self._publish, row.digest, target, attrs)
+                if not hit:
+                    row = await self._ready_model(attrs, cached)
+                    await _to_thread_to_the_end(self._publish, row.digest, target, attrs)
             result = "hit" if hit else "miss"
         except (FetchInProgress, NotCached):
             result = "miss"  # not in the cache: a fetch was started or joined, or is forbidden
@@ -170,6 +170,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self._metrics.publish.labels(result).inc()
             self._metrics.publish_duration.observe(time.perf_counter() - started)
         return csi_pb2.NodePublishVolumeResponse()
+
+    def _publish_if_ready(
+        self, attrs: VolumeAttributes, secrets: Mapping[str, str], target: Path
+    ) -> tuple[ModelRow | None, bool]:
+        """Authorize, then publish the model if it is ready. Returns its record (None when the
+        reference was never resolved here) and whether it was published."""
+        cached = self._store.cached_model(str(attrs.model))
+        self._policy.authorize(attrs.model, attrs.pod_namespace, secrets, cached)
+        if cached is None or cached.state != ModelState.READY:
+            return cached, False
+        self._publish(cached.digest, target, attrs)
+        return cached, True
 
     async def _ready_model(self, attrs: VolumeAttributes, row: ModelRow | None) -> ModelRow:
         """The model, not ready when looked up (``row``, None when never resolved): refused if
@@ -308,13 +320,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self._store.unpin(*pin)
 
 
-async def _to_thread_to_the_end(func: Callable[..., None], *args: Any) -> None:
+async def _to_thread_to_the_end(func: Callable[..., T], *args: Any) -> T:
     """Run ``func`` in a thread and, if the call is cancelled (the kubelet's deadline), still
     wait for the thread before giving up the target's lock: a retry must never mount or unpin
     the same target while the first attempt is still doing so."""
     task = asyncio.ensure_future(asyncio.to_thread(func, *args))
     try:
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         await asyncio.wait([task])
         raise
