@@ -23,7 +23,6 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from model_signing._signing import sign_certificate, sign_ec_key, sign_sigstore_pb
 
 from weightcache.daemon.config import ConfigError
 from weightcache.daemon.signing import (
@@ -72,6 +71,9 @@ def load_key(path: Path) -> TrustedKey | None:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         return None
     try:
+        # Imported here: it costs about 0.9 s, which every command would pay otherwise.
+        from model_signing._signing import sign_ec_key
+
         verifier = sign_ec_key.Verifier(path)
     except (ValueError, TypeError) as exc:
         raise TrustError(f"{path}: an elliptic curve OMS does not support: {exc}") from exc
@@ -85,6 +87,8 @@ def load_chains(paths: Sequence[Path]) -> TrustedChains | None:
     try:
         for path in paths:
             h.update(path.read_bytes())
+        from model_signing._signing import sign_certificate
+
         verifier = sign_certificate.Verifier(list(paths))
     except OSError as exc:
         raise TrustError(f"cannot read certificate chain: {exc}") from exc
@@ -107,6 +111,8 @@ def verify_oms(
         return SignatureResult(SignatureStatus.INVALID, Scheme.OMS, signer, detail)
 
     try:
+        from model_signing._signing import sign_sigstore_pb
+
         bundle = sign_sigstore_pb.Signature.read(signature)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError):
         return invalid(f"{SIGNATURE_FILE} is not an OMS signature bundle")
